@@ -1,0 +1,35 @@
+# Two commands matter: `make demo` (the main job on the embedded default) and `make test`.
+# Each creates .venv if missing, installs torch==2.13.0 first (an unpinned torch pulls a
+# multi-GB CUDA build), then the project, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= offline
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test test-unit demo bench clean
+
+$(STAMP): setup.py
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests -m "not integration"
+
+demo: $(STAMP)
+	$(PY) -m orchestration.demo --output demo-output
+
+clean:
+	rm -rf demo-output .pytest_cache

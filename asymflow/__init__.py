@@ -1,0 +1,41 @@
+"""asymflow: the AsymFlow method — turn latent flow-matching transformers into pixel-space models.
+
+The names below are the public, stable API (documented in README). They are imported lazily so that
+`import asymflow` stays cheap and never pulls in more than the function asked for.
+"""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "patchify": "asymflow.patching",
+    "unpatchify": "asymflow.patching",
+    "pack": "asymflow.patching",
+    "unpack": "asymflow.patching",
+    "calibrate": "asymflow.parameterisation",
+    "recover_velocity": "asymflow.parameterisation",
+    "recover_x0": "asymflow.parameterisation",
+    "ProcrustesFit": "asymflow.subspace",
+    "PCAFit": "asymflow.subspace",
+    "SubspaceArtifact": "asymflow.subspace",
+    "oklab_encode": "asymflow.oklab",
+    "oklab_decode": "asymflow.oklab",
+    "orthogonal_guidance": "asymflow.guidance",
+    "convert_transformer": "asymflow.convert",
+    "AsymFlux2Transformer2DModel": "asymflow.model",
+    "vr_coefficient": "asymflow.objective",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'asymflow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

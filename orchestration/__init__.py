@@ -1,0 +1,1 @@
+"""orchestration: typed run config, Ray Train + DeepSpeed ZeRO-3 workers, checkpoints, preemption, CLI."""

@@ -1,0 +1,31 @@
+"""The `asymflow` console script: one entry point, one subcommand per job; heavy imports happen per command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asymflow",
+        description=(
+            "Convert latent flow-matching transformers (FLUX.2 klein) into pixel-space AsymFlow models "
+            "and fine-tune them. Run `asymflow COMMAND --help` for each command."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    prep = sub.add_parser("prep", help="prepare data: shards, cached latents/text embeddings, subspace fit, verify, stats")
+    from data_prep.cli import add_prep_commands
+
+    add_prep_commands(prep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
