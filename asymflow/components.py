@@ -1,0 +1,81 @@
+"""The base latent model's parts (transformer, VAE, text encoder, tokenizer): the `model:` config section and its loader."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from . import tiny
+
+Part = Literal["transformer", "vae", "text_encoder", "tokenizer"]
+ALL_PARTS: tuple[Part, ...] = ("transformer", "vae", "text_encoder", "tokenizer")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BaseModelConfig(BaseModel):
+    """Which latent model to convert. `tiny`: built in code from `seed` (tests, demo); `diffusers`: a local
+    FLUX.2 klein diffusers directory with subfolders transformer/, vae/, text_encoder/, tokenizer/
+    (a hub id works for users with network access; tests never use one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["tiny", "diffusers"] = "tiny"
+    path: str | None = None
+    seed: int = 0
+    text_hidden_layers: tuple[int, ...] = tiny.TINY_TEXT_LAYERS
+    max_sequence_length: int = Field(default=tiny.TINY_MAX_LENGTH, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> BaseModelConfig:
+        if self.kind == "diffusers" and not self.path:
+            raise ValueError("model.path is required when model.kind is 'diffusers'")
+        if self.kind == "tiny" and self.path:
+            raise ValueError("model.path must be empty when model.kind is 'tiny' (tiny models are built in code)")
+        return self
+
+    def fingerprint(self) -> str:
+        """A short string identifying the model, recorded next to cached latents/embeddings."""
+        return f"tiny:seed={self.seed}" if self.kind == "tiny" else f"diffusers:{self.path}"
+
+
+@dataclass
+class BaseComponents:
+    transformer: Any = None
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+
+
+def load_base_components(cfg: BaseModelConfig, parts: tuple[Part, ...] = ALL_PARTS) -> BaseComponents:
+    """Build (tiny) or load (diffusers directory) only the requested parts, in eval mode, frozen."""
+    unknown = set(parts) - set(ALL_PARTS)
+    if unknown:
+        raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {ALL_PARTS}")
+    dtype = DTYPES[cfg.dtype]
+    out = BaseComponents()
+    if cfg.kind == "tiny":
+        builders = {
+            "transformer": lambda: tiny.build_tiny_transformer(cfg.seed),
+            "vae": lambda: tiny.build_tiny_vae(cfg.seed + 1),
+            "text_encoder": lambda: tiny.build_tiny_text_encoder(cfg.seed + 2),
+            "tokenizer": tiny.build_tiny_tokenizer,
+        }
+    else:
+        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        builders = {
+            "transformer": lambda: Flux2Transformer2DModel.from_pretrained(cfg.path, subfolder="transformer"),
+            "vae": lambda: AutoencoderKLFlux2.from_pretrained(cfg.path, subfolder="vae"),
+            "text_encoder": lambda: Qwen3ForCausalLM.from_pretrained(cfg.path, subfolder="text_encoder"),
+            "tokenizer": lambda: AutoTokenizer.from_pretrained(cfg.path, subfolder="tokenizer"),
+        }
+    for part in parts:
+        obj = builders[part]()
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.to(dtype).eval().requires_grad_(False)
+        setattr(out, part, obj)
+    return out
