@@ -1,0 +1,30 @@
+"""Read the parts of a run-config YAML that data prep needs: the base model's `model:` section."""
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+import yaml
+from pydantic import ValidationError
+
+from asymflow.components import BaseModelConfig
+
+
+def read_run_config(path: str) -> dict[str, Any]:
+    """The YAML mapping at `path` (local or fsspec URL); other sections are validated by orchestration."""
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"run config {path} must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_model_config(path: str) -> BaseModelConfig:
+    """The `model:` section of the run config at `path` as a validated BaseModelConfig."""
+    raw = read_run_config(path)
+    if "model" not in raw:
+        raise ValueError(f"run config {path} has no `model:` section (data prep takes the base model from it)")
+    try:
+        return BaseModelConfig.model_validate(raw["model"] or {})
+    except ValidationError as exc:
+        raise ValueError(f"run config {path}: invalid `model:` section:\n{exc}") from exc
