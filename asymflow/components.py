@@ -76,6 +76,8 @@ def load_base_components(cfg: BaseModelConfig, parts: tuple[Part, ...] = ALL_PAR
     for part in parts:
         obj = builders[part]()
         if isinstance(obj, torch.nn.Module):
-            obj = obj.to(dtype).eval().requires_grad_(False)
+            if obj.dtype != dtype:  # casting fp32 -> fp32 would only make diffusers warn
+                obj = obj.to(dtype)
+            obj = obj.eval().requires_grad_(False)
         setattr(out, part, obj)
     return out

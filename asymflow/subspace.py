@@ -80,7 +80,7 @@ class ProcrustesFit:
                 f"{latent_tokens.shape[0]} latent tokens but {pixel_tokens.shape[0]} pixel tokens; they must pair up"
             )
         z = latent_tokens.detach().to(torch.float64)
-        x = pixel_tokens.detach().to(torch.float64, device=z.device)
+        x = pixel_tokens.detach().to(device=z.device, dtype=torch.float64)
         if not (torch.isfinite(z).all() and torch.isfinite(x).all()):
             raise ValueError("tokens contain NaN or inf")
         r, d = z.shape[1], x.shape[1]
