@@ -18,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_prep_commands
 
     add_prep_commands(prep)
+
+    # --- train / export (orchestration.train_cli) ---
+    from orchestration.train_cli import add_train_commands
+
+    add_train_commands(sub)
+    # --- end train / export ---
     return parser
 
 

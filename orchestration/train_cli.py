@@ -1,0 +1,112 @@
+"""`asymflow train` and `asymflow export`: argument parsing, environment setup, and the export of a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `train` and `export` on the console script's subparsers."""
+    train = sub.add_parser(
+        "train",
+        help="convert + fine-tune on a Ray cluster (local on 127.0.0.1 by default); resumes automatically",
+        description="Run CONFIG on Ray Train + DeepSpeed ZeRO-3. The same command with the same run name and "
+        "storage resumes from the latest complete checkpoint. Flags override the config's fields.",
+    )
+    train.add_argument("config", metavar="CONFIG", help="run config YAML (e.g. configs/tiny.yaml)")
+    train.add_argument("--data", help="dataset directory or URL (data.path)")
+    train.add_argument("--storage", help="storage root for run directories (run.storage)")
+    train.add_argument("--name", help="run name (run.name); STORAGE/NAME is the run directory")
+    train.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
+    train.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
+    train.add_argument("--address", help="Ray cluster address (run.ray_address); default: a local Ray on 127.0.0.1")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="dotted override, e.g. --set train.lr=1e-4 (repeatable)")
+    train.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+    train.set_defaults(func=_run_train)
+
+    export = sub.add_parser(
+        "export",
+        help="write the adapter directory (spec §12) of a run's checkpoint (EMA weights by default)",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="STORAGE/NAME of a run")
+    export.add_argument("--step", type=int, help="checkpoint step [latest complete]")
+    export.add_argument("--out", help="output directory [RUN_DIR/export/step-N]")
+    export.add_argument("--weights", choices=("ema", "trainable"), default="ema", help="[ema]")
+    export.set_defaults(func=_run_export)
+
+
+def set_process_environment() -> None:
+    """Environment Ray, DeepSpeed and wandb read at import time: loopback-only Ray, no usage stats, offline wandb
+    unless the user chose otherwise, and a repo-local cache for DeepSpeed's JIT-built ops."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
+
+
+def cli_overrides(args: argparse.Namespace) -> list[str]:
+    """The explicit flags as dotted overrides, applied after --set so they win."""
+    flags = {"data.path": args.data, "run.storage": args.storage, "run.name": args.name, "train.steps": args.steps,
+             "train.workers": args.workers, "run.ray_address": args.address}
+    return [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    set_process_environment()
+    from orchestration.config import ConfigError, load_config
+    from orchestration.launcher import launch
+
+    try:
+        cfg = load_config(args.config, cli_overrides(args))
+        result = launch(cfg, overwrite=args.overwrite)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.error is not None:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"done: {result.run_dir}")
+    return 0
+
+
+def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = None, weights: str = "ema") -> Path:
+    """Rebuild the pixel model's structure from the checkpoint's own config, then write the adapter directory with
+    the checkpoint's EMA (or trainable) tensors."""
+    import torch
+
+    from asymflow.components import load_base_components
+    from asymflow.convert import convert_transformer
+    from asymflow.export import export_adapter
+    from asymflow.subspace import SubspaceArtifact
+    from asymflow.trainable import apply_trainable
+    from orchestration import checkpoint as ckpt
+    from orchestration.config import RunConfig
+
+    path = ckpt.checkpoint_dir(run_dir, step) if step is not None else ckpt.latest_checkpoint(run_dir)
+    if path is None or step is not None and step not in ckpt.complete_steps(run_dir):
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint{'' if step is None else f' at step {step}'}")
+    state = ckpt.read_state(path)
+    cfg = RunConfig.model_validate(state["config"])
+    artifact = SubspaceArtifact.load(cfg.subspace_path, patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
+    latent = load_base_components(cfg.model, ("transformer",)).transformer
+    model = convert_transformer(latent, artifact.basis, artifact.scale)
+    with torch.random.fork_rng(devices=[]):
+        apply_trainable(model, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
+    tensors = ckpt.load_tensors(f"{path}/{ckpt.EMA if weights == 'ema' else ckpt.TRAINABLE}")
+    target = out or f"{run_dir.rstrip('/')}/export/{ckpt.step_name(int(state['step']))}"
+    return export_adapter(model, target, state_dict=tensors)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    set_process_environment()
+    try:
+        out = export_checkpoint(args.run_dir, args.step, args.out, args.weights)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported: {out}")
+    return 0
