@@ -1,4 +1,4 @@
-"""FlowAdapter scheduler: a diffusers solver (UniPC) or plain Euler driven by an external shifted flow schedule (spec §11.1)."""
+"""FlowAdapter scheduler: diffusers UniPC or plain Euler driven by an external shifted flow schedule (spec §11.1)."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -18,7 +18,10 @@ UNIPC_MAX_SIGMA = 1.0 - 1e-4
 
 
 def flow_sigmas(num_inference_steps: int, shift: float) -> torch.Tensor:
-    """σ grid [n+1] in fp64: τ_i = linspace(1, 0, n, endpoint=False), σ_i = warp(τ_i; S) = S·τ_i/(1 + (S−1)·τ_i), σ_n = 0."""
+    """σ grid [n+1] in fp64: τ_i = linspace(1, 0, n, endpoint=False), σ_i = warp(τ_i; S), σ_n = 0.
+
+    warp(τ; S) = S·τ / (1 + (S−1)·τ).
+    """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be ≥ 1, got {num_inference_steps}")
     tau = 1.0 - torch.arange(num_inference_steps, dtype=torch.float64) / num_inference_steps

@@ -95,7 +95,8 @@ def test_unipc_with_the_exact_velocity_lands_on_x0(n: int, order: int) -> None:
 @pytest.mark.parametrize("n", [1, 4, 32])
 def test_unipc_with_the_constant_velocity_follows_the_straight_line(n: int) -> None:
     """With u ≡ ε − x_0 UniPC is exact along the line x = m + σu it starts on; since it reads the start
-    as σ̂_0 = 1 − 1e-4 (the clamp), it ends at ε − σ̂_0·u = x_0 + 1e-4·(ε − x_0). Tolerance 1e-5: fp32 coefficients."""
+    as σ̂_0 = 1 − 1e-4 (the clamp), it ends at ε − σ̂_0·u = x_0 + 1e-4·(ε − x_0).
+    Tolerance 1e-5: UniPC's coefficients are fp32."""
     x_0, eps = _toy(2)
     s = FlowAdapterScheduler()
     s.set_timesteps(n)

@@ -1,0 +1,242 @@
+"""AsymFLUX.2 klein text-to-image pipeline and the one sampling loop it shares with training-time samples (spec §11)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from .guidance import clamp_denoised as clamp_to_gamut
+from .guidance import orthogonal_guidance
+from .oklab import OKLAB_MEAN, OKLAB_STD, oklab_decode
+from .scheduler import FlowAdapterScheduler
+from .text import KLEIN_HIDDEN_LAYERS, KLEIN_MAX_LENGTH, encode_prompts
+from .timesteps import DynamicShift
+
+logger = logging.get_logger(__name__)
+
+PIXEL_MULTIPLE = 16  # one transformer token = one 16×16 pixel patch
+OutputType = Literal["pil", "np", "pt", "latent"]
+Generator = torch.Generator | list[torch.Generator]
+
+
+def floor_to_multiple(height: int, width: int, multiple: int = PIXEL_MULTIPLE) -> tuple[int, int]:
+    """(H, W) floored to multiples of `multiple`, with a warning when that changes them."""
+    h, w = height // multiple * multiple, width // multiple * multiple
+    if h == 0 or w == 0:
+        raise ValueError(f"height={height} and width={width} must be at least {multiple}")
+    if (h, w) != (height, width):
+        logger.warning(f"height, width = {height}, {width} are not multiples of {multiple}; using {h}, {w}")
+    return h, w
+
+
+def guidance_scale_at(sigma: float, scale: float, interval: tuple[float, float] | None) -> float:
+    """w inside the guidance interval lo ≤ σ ≤ hi (everywhere if None), 1 (no guidance) outside it."""
+    if interval is None:
+        return scale
+    lo, hi = interval
+    return scale if lo <= sigma <= hi else 1.0
+
+
+@torch.no_grad()
+def sample_images(
+    model: Callable[..., torch.Tensor],
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 4.0,
+    orthogonal_strength: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
+    clamp_denoised: bool = True,
+    scheduler: FlowAdapterScheduler | None = None,
+    shift: float | DynamicShift | None = None,
+    generator: Generator | None = None,
+    noise: torch.Tensor | None = None,
+    oklab_mean: Sequence[float] = OKLAB_MEAN,
+    oklab_std: float = OKLAB_STD,
+    decode: bool = True,
+    progress_bar: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> torch.Tensor:
+    """Sample pixel images from text embeddings; no text encoder needed (training-time samples from a cache).
+
+    model(x_t=[B,3,H,W], sigma=[B], encoder_hidden_states=[B,L,D]) -> velocity u [B,3,H,W].
+    prompt_embeds [B,L,D]; negative_prompt_embeds [B,L,D] or [1,L,D] (needed whenever guidance is applied).
+    Per step i, at σ = scheduler.sigmas[i] (spec §11.2–11.4):
+      u_c, u_u = model(x, σ, cond), model(x, σ, neg)      one batched call; u_u skipped when w = 1
+      u = u_c + Δ with Δ = (w−1)(u_c − u_u) minus γ·(its part along d = x − σ·u_c)   (orthogonal_guidance)
+      u ← (x − Enc(clamp(Dec(x − σu), −1, 1)))/σ          if clamp_denoised
+      x ← scheduler.step(u, i, x)
+    Starts from fp32 noise [B,3,H,W] (`noise`, else drawn from `generator`; H, W floored to multiples of 16).
+    Returns images in [−1,1] [B,3,H,W] fp32 (Oklab-decoded), or the final normalised-Oklab sample if decode=False.
+    `scheduler` defaults to FlowAdapterScheduler() (UniPC, static shift 17); `shift` overrides its shift rule.
+    """
+    if prompt_embeds.ndim != 3:
+        raise ValueError(f"prompt_embeds must be [B,L,D], got {tuple(prompt_embeds.shape)}")
+    height, width = floor_to_multiple(height, width)
+    batch, device = prompt_embeds.shape[0], prompt_embeds.device
+    scheduler = FlowAdapterScheduler() if scheduler is None else scheduler
+    scheduler.set_timesteps(num_inference_steps, seq_len=height * width, shift=shift)
+
+    steps = range(len(scheduler.timesteps))
+    guided = [guidance_scale_at(float(scheduler.sigmas[i]), guidance_scale, guidance_interval) != 1.0 for i in steps]
+    both_embeds: torch.Tensor | None = None
+    if any(guided):
+        if negative_prompt_embeds is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs negative_prompt_embeds (e.g. of the empty prompt)")
+        if negative_prompt_embeds.shape[0] == 1:
+            negative_prompt_embeds = negative_prompt_embeds.expand(batch, -1, -1)
+        if negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must match prompt_embeds "
+                f"{tuple(prompt_embeds.shape)} (or have batch 1): cond and uncond run as one batch"
+            )
+        # uncond first, cond second: chunk(2) below relies on this order.
+        both_embeds = torch.cat([negative_prompt_embeds.to(device), prompt_embeds])
+
+    shape = (batch, 3, height, width)
+    if noise is None:
+        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    elif noise.shape != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    else:
+        x = noise.to(device=device, dtype=torch.float32)
+
+    for i in progress_bar(steps) if progress_bar is not None else steps:
+        sigma = float(scheduler.sigmas[i])
+        sigmas = torch.full((batch,), sigma, device=device, dtype=torch.float32)
+        if guided[i]:
+            u_u, u_c = model(
+                x_t=torch.cat([x, x]), sigma=torch.cat([sigmas, sigmas]), encoder_hidden_states=both_embeds
+            ).float().chunk(2)
+            w = guidance_scale_at(sigma, guidance_scale, guidance_interval)
+            u = orthogonal_guidance(u_c, u_u, x, sigma, w, orthogonal_strength)
+        else:
+            u = model(x_t=x, sigma=sigmas, encoder_hidden_states=prompt_embeds).float()
+        if clamp_denoised:
+            u = clamp_to_gamut(u, x, sigma, tuple(oklab_mean), oklab_std)
+        x = scheduler.step(u, i, x).prev_sample
+    return oklab_decode(x, oklab_mean, oklab_std).clamp(-1.0, 1.0) if decode else x
+
+
+class AsymFlux2KleinPipeline(DiffusionPipeline):
+    """Text-to-image with a pixel-space AsymFLUX.2 klein transformer: Qwen3 prompt embeddings → `sample_images`.
+
+    Components: transformer (AsymFlux2Transformer2DModel), scheduler (FlowAdapterScheduler), text_encoder
+    (Qwen3ForCausalLM) and tokenizer (optional: pass prompt_embeds instead). Config: text_hidden_layers,
+    max_sequence_length (klein: (9, 18, 27), 512), oklab_mean/oklab_std (the pixel "VAE", spec §10).
+    `save_pretrained` / `from_pretrained` round-trip all of it (model_index.json names asymflow's classes).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+    _optional_components = ["text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        scheduler: FlowAdapterScheduler,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer=None,
+        text_hidden_layers: tuple[int, ...] | list[int] = KLEIN_HIDDEN_LAYERS,
+        max_sequence_length: int = KLEIN_MAX_LENGTH,
+        oklab_mean: tuple[float, float, float] | list[float] = OKLAB_MEAN,
+        oklab_std: float = OKLAB_STD,
+    ) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        # Lists, not tuples: model_index.json stores them as JSON arrays and passes them back as lists.
+        self.register_to_config(
+            text_hidden_layers=list(text_hidden_layers),
+            max_sequence_length=int(max_sequence_length),
+            oklab_mean=list(oklab_mean),
+            oklab_std=float(oklab_std),
+        )
+        self.image_processor = VaeImageProcessor(do_normalize=True)  # [−1,1] → [0,1] → pt / np / PIL
+
+    def encode_prompt(
+        self, prompt: str | Sequence[str], device: torch.device | None = None, num_images_per_prompt: int = 1
+    ) -> torch.Tensor:
+        """Prompts → [B·num_images_per_prompt, max_sequence_length, len(layers)·hidden] in the transformer's dtype."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no text encoder / tokenizer: pass prompt_embeds instead of prompts")
+        embeds = encode_prompts(
+            self.text_encoder,
+            self.tokenizer,
+            prompt,
+            hidden_layers=tuple(self.config.text_hidden_layers),
+            max_length=self.config.max_sequence_length,
+        )
+        device = self._execution_device if device is None else device
+        return embeds.repeat_interleave(num_images_per_prompt, dim=0).to(device=device, dtype=self.transformer.dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] = "",
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        orthogonal_strength: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
+        clamp_denoised: bool = True,
+        generator: Generator | None = None,
+        shift: float | DynamicShift | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: OutputType = "pil",
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        progress: bool = True,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images; `shift=None` uses the scheduler's rule (static 17 by default, spec §11.5).
+
+        output_type: "pil" (list of PIL images), "np" ([B,H,W,3] in [0,1]), "pt" ([B,3,H,W] in [0,1]),
+        "latent" (the final normalised-Oklab sample [B,3,H,W]). The negative prompt is encoded only when
+        guidance_scale ≠ 1.
+        """
+        device = self._execution_device
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass either prompt or prompt_embeds")
+            prompt_embeds = self.encode_prompt(prompt, device, num_images_per_prompt)
+        else:
+            prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is None and guidance_scale != 1.0:
+            n_prompts = prompt_embeds.shape[0] // num_images_per_prompt
+            negatives = [negative_prompt] * n_prompts if isinstance(negative_prompt, str) else list(negative_prompt)
+            negative_prompt_embeds = self.encode_prompt(negatives, device, num_images_per_prompt)
+        elif negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        images = sample_images(
+            self.transformer,
+            prompt_embeds,
+            negative_prompt_embeds,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            orthogonal_strength=orthogonal_strength,
+            guidance_interval=guidance_interval,
+            clamp_denoised=clamp_denoised,
+            scheduler=self.scheduler,
+            shift=shift,
+            generator=generator,
+            oklab_mean=tuple(self.config.oklab_mean),
+            oklab_std=self.config.oklab_std,
+            decode=output_type != "latent",
+            progress_bar=self.progress_bar if progress else None,
+        )
+        if output_type != "latent":
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
