@@ -1,8 +1,11 @@
 """The AsymFlowVR finetuning objective (spec §8): VR coefficient, shifted signal ratio and the step seam."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .oklab import oklab_decode, oklab_encode
 from .patching import pack, patchify_unpacked_channels, unpatchify, unpatchify_unpacked_channels
@@ -25,6 +28,12 @@ class AsymFlowVRConfig(BaseModel):
     latent_patch: int = Field(2, gt=0, description="latent tokens are latent_patch² VAE pixels")
     sampler: TimestepSampler = TimestepSampler(logit_normal=True, mean=0.0, std=1.0, shift=17.0)
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of the negative (empty) prompt")
+
+    @model_validator(mode="after")
+    def _patch_sizes_agree(self) -> AsymFlowVRConfig:
+        if self.patch_size % self.latent_patch:
+            raise ValueError(f"patch_size={self.patch_size} is not a multiple of latent_patch={self.latent_patch}")
+        return self
 
 
 def vr_coefficient(d_full: torch.Tensor, d_low: torch.Tensor, patch_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -78,8 +87,9 @@ def low_rank_twin(latents: torch.Tensor, basis: torch.Tensor, scale: torch.Tenso
     b, r, h, w = latents.shape
     if basis.ndim != 2 or basis.shape[1] != r:
         raise ValueError(f"basis shape {tuple(basis.shape)} does not map {r}-dim latent tokens")
-    tokens = pack(latents.float()) @ basis.float().T  # [B, h·w, D]
-    return unpatchify(torch.as_tensor(scale, dtype=torch.float32, device=tokens.device) * tokens, patch_size, h * patch_size, w * patch_size)
+    s = torch.as_tensor(scale, dtype=torch.float32, device=latents.device)
+    tokens = s * (pack(latents.float()) @ basis.float().T)  # [B, h·w, D]
+    return unpatchify(tokens, patch_size, h * patch_size, w * patch_size)
 
 
 def subspace_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,16 +109,37 @@ def _text_with_dropout(batch: dict[str, torch.Tensor], drop: torch.Tensor) -> to
     text = batch["text_embeds"]
     if not bool(drop.any()):
         return text
-    if "negative_embeds" not in batch:
-        raise KeyError("caption_dropout > 0 needs batch['negative_embeds'] (the cached empty-prompt embedding)")
-    negative = batch["negative_embeds"].to(text.device, text.dtype).expand_as(text)
+    negative = batch["negative_embeds"]
+    if negative.ndim != 3 or negative.shape[0] not in (1, text.shape[0]) or negative.shape[1:] != text.shape[1:]:
+        raise ValueError(f"negative_embeds {tuple(negative.shape)} must be [B|1,L,D] like text_embeds {tuple(text.shape)}")
+    negative = negative.to(text.device, text.dtype).expand_as(text)
     return torch.where(drop.to(text.device).view(-1, 1, 1), negative, text)
 
 
+@contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with the global RNG (CPU + `device`) seeded to `seed`, restoring the caller's state after.
+
+    Model-internal randomness (LoRA dropout) draws from the global RNG; seeding it from the step generator
+    makes the whole step a function of that generator. Gradient checkpointing stashes the RNG state at
+    forward time, so its recomputation outside this block reproduces the same dropout masks.
+    """
+    accelerator = device.type != "cpu"
+    module = torch.get_device_module(device.type) if accelerator else None
+    devices = [device.index if device.index is not None else module.current_device()] if accelerator else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else None):
+        torch.random.default_generator.manual_seed(seed)
+        if accelerator:
+            with module.device(devices[0]):
+                module.manual_seed(seed)
+        yield
+
+
 def _check_batch(batch: dict[str, torch.Tensor], cfg: AsymFlowVRConfig) -> tuple[int, int, int]:
-    for key in ("images", "latents", "text_embeds"):
+    required = ("images", "latents", "text_embeds") + (("negative_embeds",) if cfg.caption_dropout > 0 else ())
+    for key in required:
         if key not in batch:
-            raise KeyError(f"batch is missing {key!r}; expected keys images, latents, text_embeds[, negative_embeds]")
+            raise KeyError(f"batch is missing {key!r}; expected keys {', '.join(required)}")
     images, latents, text = batch["images"], batch["latents"], batch["text_embeds"]
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"batch['images'] must be RGB [B,3,H,W] in [−1,1], got {tuple(images.shape)}")
@@ -142,18 +173,20 @@ def asymflow_vr_step(
       text_embeds     [B,L,D_txt]  prompt embeddings (student and teacher see the same rows)
       negative_embeds [B|1,L,D_txt] empty-prompt embedding; required only when cfg.caption_dropout > 0
     Models are called as model(x_t=, sigma=, encoder_hidden_states=) -> velocity [B,3,H,W]; B and s are
-    read from the teacher's buffers. `generator` must be a CPU generator: σ, then ε, then the caption-dropout
-    mask are drawn from it on CPU and moved, so the step is reproducible on any device.
+    read from the teacher's buffers. `generator` must be a CPU generator: σ, ε, the caption-dropout mask and
+    a seed for the models' own randomness (LoRA dropout) are drawn from it on CPU, in that order, so the step
+    is reproducible on any device; the caller's global RNG state is left untouched.
     No backward, optimiser, logging or I/O happens here; all algebra is fp32 whatever the model dtype.
     """
     bsz, height, width = _check_batch(batch, cfg)
     device = batch["images"].device
     p = cfg.patch_size
 
-    # Draw order is part of the contract (reproducibility across resumes): σ, ε, dropout mask.
+    # Draw order is part of the contract (reproducibility across resumes): σ, ε, dropout mask, model seed.
     sigma = cfg.sampler.sample(bsz, generator, seq_len=height * width, device=device)  # [B]
     eps = torch.randn(bsz, 3, height, width, generator=generator, dtype=torch.float32).to(device)
     drop = torch.rand(bsz, generator=generator) < cfg.caption_dropout
+    model_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     text = _text_with_dropout(batch, drop)
 
     sig = sigma.view(bsz, 1, 1, 1)
@@ -162,19 +195,19 @@ def asymflow_vr_step(
         x_0 = oklab_encode(batch["images"].float())
     x_t = (1.0 - sig) * x_0 + sig * eps
 
-    if cfg.use_vr:
-        basis, scale = subspace_of(teacher)
-        if basis.shape[0] != 3 * p * p:
-            raise ValueError(f"teacher basis has {basis.shape[0]} rows but 3·p² = {3 * p * p} for patch_size {p}")
-        with torch.no_grad():
-            x_0_low = low_rank_twin(batch["latents"].to(device), basis.to(device), scale.to(device), p)
-            x_t_low = (1.0 - sig) * x_0_low + sig * eps
+    with _seeded_global_rng(model_seed, device):
+        if cfg.use_vr:
             if teacher.training:
                 raise RuntimeError("the teacher must be in eval mode (its recovery uses the eval σ_min = 1e-4)")
-            u_low = teacher(x_t=x_t_low, sigma=sigma, encoder_hidden_states=text).float()
-            d_low = x_0_low - (x_t_low - sig * u_low)
-
-    u = student(x_t=x_t, sigma=sigma, encoder_hidden_states=text).float()
+            basis, scale = subspace_of(teacher)
+            if basis.shape[0] != 3 * p * p:
+                raise ValueError(f"teacher basis has {basis.shape[0]} rows but 3·p² = {3 * p * p} for patch_size {p}")
+            with torch.no_grad():
+                x_0_low = low_rank_twin(batch["latents"].to(device), basis.to(device), scale.to(device), p)
+                x_t_low = (1.0 - sig) * x_0_low + sig * eps
+                u_low = teacher(x_t=x_t_low, sigma=sigma, encoder_hidden_states=text).float()
+                d_low = x_0_low - (x_t_low - sig * u_low)
+        u = student(x_t=x_t, sigma=sigma, encoder_hidden_states=text).float()
     x_0_hat = x_t - sig * u
 
     rho = loss_shift_ratio(sig, cfg.loss_shift)  # [B,1,1,1]

@@ -126,18 +126,18 @@ def build_teacher(
     tensor objects, no memory), while x_embedder/proj_out/norm_out get their own frozen copies. Call it on
     the freshly converted student BEFORE `apply_trainable`: the student's base stays frozen and its later
     LoRA wraps the same base Parameters, so the teacher keeps computing the converted init.
-    share_base=False: a fully independent copy (needed when the student is partitioned, e.g. DeepSpeed ZeRO-3).
-    Buffers (proj_buffer, scale_buffer) are always copied.
+    Sharing freezes those base Parameters on the student too (requires_grad=False), so it cannot be combined
+    with `apply_trainable(mode="full")`.
+    share_base=False: a fully independent copy (needed when the student is partitioned, e.g. DeepSpeed ZeRO-3,
+    or fully trained). Buffers (proj_buffer, scale_buffer) are always copied.
     """
     if has_adapter(student):
         raise ValueError("build_teacher must be called before LoRA is attached to the student (apply_trainable)")
     memo: dict[int, object] = {}
     if share_base:
         frozen_shared = [(n, p) for n, p in student.named_parameters() if not any(_under(n, m) for m in own_modules)]
-        if any(p.requires_grad for _, p in frozen_shared):
-            # Sharing is safe only because the base is frozen in the student too; make that explicit here.
-            for _, p in frozen_shared:
-                p.requires_grad_(False)
+        for _, p in frozen_shared:
+            p.requires_grad_(False)  # sharing is sound only while the student never updates these
         memo = {id(p): p for _, p in frozen_shared}  # deepcopy returns these objects themselves
     teacher = copy.deepcopy(student, memo)
     teacher.requires_grad_(False)

@@ -7,17 +7,20 @@ from pydantic import ValidationError
 
 from asymflow.objective import (
     AsymFlowVRConfig,
+    asymflow_vr_step,
     loss_shift_ratio,
     low_rank_twin,
     perceptual_gate,
     vr_coefficient,
     vr_target,
 )
-from asymflow.patching import pack, patchify, patchify_unpacked_channels, unpatchify_unpacked_channels
+from asymflow.oklab import oklab_decode, oklab_encode
+from asymflow.patching import pack, patchify, unpatchify_unpacked_channels
 from asymflow.perceptual import LPIPSDistance, TinyConvDistance, build_image_distance
 from asymflow.timesteps import TimestepSampler
 
 from .helpers import random_basis
+from .test_trainable import one_thread, tiny_batch, tiny_pair  # noqa: F401  (one_thread: autouse fixture)
 
 P = 16
 
@@ -126,6 +129,8 @@ def test_config_defaults_and_forbids_unknown_keys():
         AsymFlowVRConfig(w_msee=1.0)
     with pytest.raises(ValidationError, match="caption_dropout"):
         AsymFlowVRConfig(caption_dropout=1.5)
+    with pytest.raises(ValidationError, match="latent_patch"):
+        AsymFlowVRConfig(patch_size=15)
 
 
 # ---------------------------------------------------------------- perceptual distances
@@ -187,3 +192,98 @@ def test_build_image_distance_kinds():
         build_image_distance("lpips")
     with pytest.raises(ValueError, match="unknown"):
         build_image_distance("vgg")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the step seam with the real converted tiny model
+
+
+def test_seam_is_deterministic_in_the_generator_and_leaves_global_rng_alone():
+    student, teacher = tiny_pair()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero LoRA B so that LoRA dropout actually changes the output
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    batch, cfg, dist = tiny_batch(), AsymFlowVRConfig(), TinyConvDistance()
+    probe = dict(x_t=torch.randn(1, 3, 32, 32, generator=g), sigma=torch.tensor([0.5]), encoder_hidden_states=batch["text_embeds"][:1])
+    with torch.no_grad():
+        assert not torch.equal(student(**probe), student(**probe))  # dropout is live in train mode
+    rng_before = torch.get_rng_state()
+    loss_a, m_a = asymflow_vr_step(student, teacher, batch, torch.Generator().manual_seed(7), cfg, dist)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    torch.rand(3)  # a different global RNG state must not matter (LoRA dropout is seeded from the generator)
+    loss_b, m_b = asymflow_vr_step(student, teacher, batch, torch.Generator().manual_seed(7), cfg, dist)
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(m_a[k], m_b[k]) for k in m_a)
+    loss_c, _ = asymflow_vr_step(student, teacher, batch, torch.Generator().manual_seed(8), cfg, dist)
+    assert not torch.equal(loss_a, loss_c)
+    expected = {"loss", "loss_mse", "loss_perceptual", "vr_lambda_mean", "sigma_mean", "rho_mean"}
+    assert expected <= m_a.keys()
+    assert all(v.ndim == 0 and v.dtype == torch.float32 and not v.requires_grad for v in m_a.values())
+    assert 0.0 <= m_a["vr_lambda_mean"].item() <= 1.0 and m_a["loss_perceptual"].item() > 0
+
+
+def test_seam_without_vr_is_plain_weighted_x0_mse_with_the_documented_draw_order():
+    student, teacher = tiny_pair()
+    student.eval()  # no LoRA dropout, so the manual student call below matches the seam's
+    batch, cfg = tiny_batch(), AsymFlowVRConfig(use_vr=False)
+    loss, metrics = asymflow_vr_step(student, teacher, batch, torch.Generator().manual_seed(3), cfg)
+    g = torch.Generator().manual_seed(3)
+    sigma = cfg.sampler.sample(2, g, seq_len=32 * 32)
+    eps = torch.randn(2, 3, 32, 32, generator=g)
+    x_0 = oklab_encode(batch["images"])
+    sig = sigma.view(2, 1, 1, 1)
+    x_t = (1 - sig) * x_0 + sig * eps
+    with torch.no_grad():
+        x_0_hat = x_t - sig * student(x_t=x_t, sigma=sigma, encoder_hidden_states=batch["text_embeds"])
+    expected = 10.0 * 0.5 * ((x_0_hat - x_0) ** 2 / sig.clamp_min(0.05) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    assert metrics["loss_perceptual"].item() == 0.0 and metrics["vr_lambda_mean"].item() == 0.0
+    torch.testing.assert_close(metrics["sigma_mean"], sigma.mean())
+
+
+def test_seam_vr_terms_match_a_manual_recomputation():
+    student, teacher = tiny_pair()
+    student.eval()
+    batch, cfg, dist = tiny_batch(), AsymFlowVRConfig(), TinyConvDistance()
+    loss, metrics = asymflow_vr_step(student, teacher, batch, torch.Generator().manual_seed(4), cfg, dist)
+    g = torch.Generator().manual_seed(4)
+    sigma = cfg.sampler.sample(2, g, seq_len=32 * 32)
+    eps = torch.randn(2, 3, 32, 32, generator=g)
+    sig = sigma.view(2, 1, 1, 1)
+    x_0 = oklab_encode(batch["images"])
+    x_0_low = low_rank_twin(batch["latents"], teacher.proj_buffer, teacher.scale_buffer, P)
+    x_t, x_t_low = (1 - sig) * x_0 + sig * eps, (1 - sig) * x_0_low + sig * eps
+    text = batch["text_embeds"]
+    with torch.no_grad():
+        d_low = x_0_low - (x_t_low - sig * teacher(x_t=x_t_low, sigma=sigma, encoder_hidden_states=text))
+        x_0_hat = x_t - sig * student(x_t=x_t, sigma=sigma, encoder_hidden_states=text)
+    lam = vr_coefficient(x_0 - x_0_hat, d_low, P)
+    rho, sc2 = loss_shift_ratio(sig), sig.clamp_min(0.05) ** 2
+    mse = 5.0 * ((x_0_hat - vr_target(x_0, d_low, lam, rho, P)) ** 2 / sc2).mean()
+    perc = (dist(oklab_decode(x_0_hat), oklab_decode(x_0)) * perceptual_gate(lam, P) * rho / sc2).mean()
+    torch.testing.assert_close(metrics["loss_mse"], mse, rtol=1e-5, atol=0)
+    torch.testing.assert_close(metrics["loss_perceptual"], perc, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.detach(), mse + perc, rtol=1e-5, atol=0)
+
+
+def test_seam_caption_dropout_uses_negative_embeds():
+    student, teacher = tiny_pair()
+    batch = tiny_batch()
+    dropped, _ = asymflow_vr_step(student, teacher, batch, torch.Generator().manual_seed(1), AsymFlowVRConfig(caption_dropout=1.0))
+    swapped = {**batch, "text_embeds": batch["negative_embeds"].expand(2, -1, -1)}
+    manual, _ = asymflow_vr_step(student, teacher, swapped, torch.Generator().manual_seed(1), AsymFlowVRConfig())
+    assert torch.equal(dropped, manual)
+    without = {k: v for k, v in batch.items() if k != "negative_embeds"}
+    with pytest.raises(KeyError, match="negative_embeds"):
+        asymflow_vr_step(student, teacher, without, torch.Generator().manual_seed(1), AsymFlowVRConfig(caption_dropout=1.0))
+
+
+def test_seam_rejects_bad_batches_and_a_training_teacher():
+    student, teacher = tiny_pair()
+    batch, cfg, gen = tiny_batch(), AsymFlowVRConfig(), torch.Generator().manual_seed(0)
+    with pytest.raises(KeyError, match="latents"):
+        asymflow_vr_step(student, teacher, {"images": batch["images"], "text_embeds": batch["text_embeds"]}, gen, cfg)
+    with pytest.raises(ValueError, match="latent token grid"):
+        asymflow_vr_step(student, teacher, {**batch, "latents": batch["latents"][..., :1]}, gen, cfg)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        asymflow_vr_step(student, teacher.train(), batch, gen, cfg)
