@@ -1,0 +1,320 @@
+"""The typed run config (one pydantic tree loaded from YAML, dotted overrides), validated before any worker starts."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from asymflow.components import BaseModelConfig
+from asymflow.objective import AsymFlowVRConfig
+from asymflow.trainable import FULL_MODULES, LoRASettings
+from orchestration.data_plan import DataSection
+
+PIXEL_PATCH = 16  # 8× VAE × 2×2 latent packing: one latent token is one 16×16 pixel patch
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SubspaceSection(_Section):
+    """The subspace artifact (B, s); defaults to `{data.path}/subspace.safetensors` written by `asymflow prep subspace`."""
+
+    path: str | None = None
+    rank: int = Field(128, gt=0, description="latent token width r (128 for FLUX.2)")
+
+
+class TrainableSection(_Section):
+    """What is trained (spec §9): LoRA + fully trained modules, or everything."""
+
+    mode: Literal["lora", "full"] = "lora"
+    lora: LoRASettings = LoRASettings()
+    full_modules: tuple[str, ...] = FULL_MODULES
+    share_teacher_base: bool = Field(
+        False, description="share frozen base weights with the teacher; only valid without ZeRO-3 partitioning"
+    )
+
+
+class PerceptualSection(_Section):
+    """The image distance of the perceptual term: LPIPS-VGG from local weights, a tiny stand-in, or none."""
+
+    kind: Literal["none", "tiny", "lpips"] = "lpips"
+    weights_path: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights(self) -> PerceptualSection:
+        if self.kind == "lpips" and not self.weights_path:
+            raise ValueError("perceptual.weights_path is required when perceptual.kind is 'lpips' (no downloads)")
+        return self
+
+
+class TrainSection(_Section):
+    """Batch arithmetic, optimiser, schedule, clipping: global_batch = micro_batch × workers × grad_accum."""
+
+    steps: int = Field(15_000, gt=0)
+    global_batch: int = Field(256, gt=0)
+    micro_batch: int = Field(8, gt=0)
+    grad_accum: int | None = Field(None, gt=0, description="derived from the other three when omitted")
+    workers: int = Field(32, gt=0)
+    use_gpu: bool = True
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_eps: float = Field(1e-8, gt=0)
+    lr_multipliers: dict[str, float] = {"proj_out": 10.0}
+    warmup_steps: int = Field(100, ge=0)
+    warmup_start_factor: float = Field(1e-3, gt=0, le=1)
+    grad_clip: float | None = Field(200.0, gt=0, description="global L2 norm; None disables clipping")
+    grad_clip_from_step: int = Field(100, ge=0)
+    seed: int = 0
+    activation_checkpointing: bool = True
+
+    @model_validator(mode="after")
+    def _batch_arithmetic(self) -> TrainSection:
+        per_step = self.micro_batch * self.workers
+        if self.grad_accum is None:
+            if self.global_batch % per_step:
+                raise ValueError(
+                    f"train.global_batch={self.global_batch} is not divisible by train.micro_batch × train.workers = "
+                    f"{self.micro_batch} × {self.workers} = {per_step}"
+                )
+        elif per_step * self.grad_accum != self.global_batch:
+            raise ValueError(
+                f"train.global_batch={self.global_batch} must equal train.micro_batch × train.workers × train.grad_accum"
+                f" = {self.micro_batch} × {self.workers} × {self.grad_accum} = {per_step * self.grad_accum}"
+            )
+        return self
+
+    @property
+    def accum(self) -> int:
+        """Gradient accumulation steps (explicit or derived)."""
+        return self.grad_accum or self.global_batch // (self.micro_batch * self.workers)
+
+
+class EMASection(_Section):
+    """EMA of trainable parameters, Karras power schedule (spec §9)."""
+
+    start_iter: int = Field(100, ge=0)
+    gamma: float = Field(7.0, gt=0)
+
+
+class CheckpointSection(_Section):
+    every: int = Field(500, gt=0, description="checkpoint every N steps (and always at the end)")
+    keep: int = Field(3, ge=2, description="keep the last k complete checkpoints (k ≥ 2)")
+
+
+class RunSection(_Section):
+    """Run identity: STORAGE/NAME is the run directory; same name + storage resumes."""
+
+    name: str = Field("asymflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    storage: str = "runs"
+    max_failures: int = Field(3, ge=-1, description="Ray Train FailureConfig; -1 retries forever")
+    ray_address: str | None = Field(None, description="None: start a local Ray on 127.0.0.1")
+    ray_num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray instance (None: all)")
+
+
+class LogSection(_Section):
+    every: int = Field(10, gt=0)
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "asymflow"
+    wandb_entity: str | None = None
+
+
+class SampleSection(_Section):
+    """In-training samples from the EMA weights, rendered from the consolidated checkpoint on rank 0."""
+
+    every: int = Field(0, ge=0, description="0 disables sampling; otherwise a multiple of checkpoint.every")
+    prompts: tuple[str, ...] = ("a photo of a cat",)
+    height: int = Field(256, gt=0)
+    width: int = Field(256, gt=0)
+    steps: int = Field(32, gt=0)
+    guidance: float = Field(4.0, ge=0)
+
+    @model_validator(mode="after")
+    def _resolution(self) -> SampleSection:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value % PIXEL_PATCH:
+                raise ValueError(f"sample.{name}={value} is not a multiple of {PIXEL_PATCH} (the pixel patch size)")
+        return self
+
+
+class RunConfig(_Section):
+    """The whole run: each component receives only its own section."""
+
+    model: BaseModelConfig = BaseModelConfig()
+    data: DataSection
+    subspace: SubspaceSection = SubspaceSection()
+    objective: AsymFlowVRConfig = AsymFlowVRConfig()
+    perceptual: PerceptualSection = PerceptualSection(kind="none")
+    trainable: TrainableSection = TrainableSection()
+    train: TrainSection = TrainSection()
+    ema: EMASection = EMASection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    run: RunSection = RunSection()
+    log: LogSection = LogSection()
+    sample: SampleSection = SampleSection()
+
+    @model_validator(mode="after")
+    def _cross_sections(self) -> RunConfig:
+        if self.objective.patch_size != PIXEL_PATCH:
+            raise ValueError(f"objective.patch_size={self.objective.patch_size} must be {PIXEL_PATCH} for FLUX.2 klein")
+        if self.sample.every and self.sample.every % self.checkpoint.every:
+            raise ValueError(
+                f"sample.every={self.sample.every} must be a multiple of checkpoint.every={self.checkpoint.every}"
+                " (samples are rendered from checkpoints)"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.run.storage.rstrip('/')}/{self.run.name}"
+
+    @property
+    def subspace_path(self) -> str:
+        return self.subspace.path or f"{str(self.data.path).rstrip('/')}/subspace.safetensors"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        """Hash of what defines the optimisation trajectory: everything but run identity, worker count, step
+        budget and logging, which may change between a run and its resume."""
+        data = self.to_dict()
+        data.pop("run")
+        data.pop("log")
+        data.pop("sample")
+        data["train"].pop("workers")
+        data["train"].pop("grad_accum")
+        data["train"].pop("micro_batch")
+        data["train"].pop("steps")
+        data["data"].pop("loader_workers", None)
+        data["data"].pop("prefetch_batches", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A run config that cannot start; the message names the offending field(s)."""
+
+
+def _coerce(text: str) -> Any:
+    """YAML scalar semantics for `--set` values (1e-4 → float, true → bool, [1,2] → list, null → None)."""
+    value = yaml.safe_load(text)
+    # PyYAML reads `1e-4` as a string (YAML 1.1 needs a dot); numbers in overrides are meant as numbers.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `key=value` overrides to a raw mapping (new dict; sections are created as needed)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _coerce(text)
+    return out
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid run config {source}:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {field}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config {path} must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] = (), source: str = "<dict>") -> RunConfig:
+    """Validate a raw mapping plus overrides; raises ConfigError naming each bad field."""
+    try:
+        return RunConfig.model_validate(apply_overrides(raw, list(overrides)))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML at `path` (local or fsspec URL) and apply dotted overrides."""
+    return build_config(read_yaml(path), overrides, source=path)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Checks that need the filesystem: the manifest exists, every shard it lists exists, the subspace artifact
+    matches the model's patch size and rank. Runs on the driver, before any worker starts."""
+    from asymflow.subspace import SubspaceArtifact
+    from data_prep.format import FormatError, join
+    from data_prep.reader import DatasetIndex
+
+    try:
+        index = DatasetIndex.open(cfg.data.path)
+    except (FormatError, FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.path: {exc}") from None
+    missing = [s["name"] for s in index.manifest["shards"] if not index.fs.exists(join(cfg.data.path, s["name"]))]
+    if missing:
+        raise ConfigError(f"data.path: {len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[:3]}")
+    if not index.has_cache:
+        raise ConfigError(f"data.path: {cfg.data.path} has no latent/text cache; run `asymflow prep cache`")
+    path = cfg.subspace_path
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        raise ConfigError(f"subspace.path: subspace artifact {path} does not exist (run `asymflow prep subspace`)")
+    try:
+        if fs.protocol in ("file", ("file", "local")) or isinstance(fs.protocol, tuple) and "file" in fs.protocol:
+            SubspaceArtifact.load(fs_path, patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
+        else:
+            with fsspec.open(path, "rb") as f, _local_copy(f.read()) as local:
+                SubspaceArtifact.load(local, patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
+    except ValueError as exc:
+        raise ConfigError(f"subspace.path: {exc}") from None
+
+
+class _local_copy:
+    """A temporary local file holding `data` (safetensors needs a real path)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        self.tmp = tempfile.NamedTemporaryFile(suffix=".safetensors")
+        self.tmp.write(self.data)
+        self.tmp.flush()
+        return self.tmp.name
+
+    def __exit__(self, *exc: object) -> None:
+        self.tmp.close()
+
+
+def save_resolved(cfg: RunConfig, run_dir: str) -> str:
+    """Write `config.yaml` (the resolved config) into the run directory; returns its path."""
+    path = f"{run_dir.rstrip('/')}/config.yaml"
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(str(Path(fs_path).parent), exist_ok=True)
+    with fs.open(fs_path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    return path

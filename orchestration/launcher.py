@@ -1,0 +1,104 @@
+"""Start (or join) a Ray cluster and run the worker group with Ray Train V2's TorchTrainer; resume is automatic."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from orchestration import checkpoint as ckpt
+from orchestration.config import ConfigError, RunConfig, check_inputs, save_resolved
+
+
+@dataclass
+class LaunchResult:
+    run_dir: str
+    error: BaseException | None
+    metrics: dict[str, Any] | None
+
+
+def check_run_dir(cfg: RunConfig, overwrite: bool) -> ckpt.Restored | None:
+    """Same run name + storage resumes; a directory whose checkpoints come from another config refuses to start
+    unless `overwrite`, which deletes it. Returns the checkpoint the workers will resume from, if any."""
+    fs, path = fsspec.core.url_to_fs(cfg.run_dir)
+    if overwrite and fs.exists(path):
+        fs.rm(path, recursive=True)
+        return None
+    restore = ckpt.find_restore_point(cfg.run_dir)
+    if restore is None:
+        return None
+    saved_hash = restore.state.get("config_hash")
+    if saved_hash != cfg.config_hash():
+        raise ConfigError(
+            f"run.name: {cfg.run_dir} already holds checkpoints of a different config (hash {saved_hash} vs "
+            f"{cfg.config_hash()}); use another run name or pass --overwrite to start over"
+        )
+    return restore
+
+
+def _storage_for_ray(storage: str) -> str:
+    """Ray Train needs an absolute local path or a URI."""
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def maybe_init_ray(cfg: RunConfig) -> bool:
+    """Connect to `run.ray_address`, or start a local Ray bound to 127.0.0.1 (no dashboard). Returns True if this
+    call started it (the caller then shuts it down). The loopback binding also needs
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment before ray is imported (set by the CLI)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address)
+    else:
+        ray.init(num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    return True
+
+
+def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> LaunchResult:
+    """Validate inputs, then run the worker group to `train.steps` (resuming from the latest checkpoint)."""
+    if check:
+        check_inputs(cfg)
+    restore = check_run_dir(cfg, overwrite)
+    if restore is not None and restore.step >= cfg.train.steps:
+        return LaunchResult(cfg.run_dir, None, {"step": restore.step})
+    save_resolved(cfg, cfg.run_dir)
+    started = maybe_init_ray(cfg)
+    try:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from orchestration.worker import train_loop_per_worker
+
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict()},
+            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu),
+            run_config=RayRunConfig(
+                name=cfg.run.name,
+                storage_path=_storage_for_ray(cfg.run.storage),
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                # Our checkpoints (STORAGE/RUN/checkpoints) are the source of truth and are never reported to Ray;
+                # Ray keeps only metrics, so its num_to_keep cannot delete anything of ours.
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            ),
+        )
+        try:
+            result = trainer.fit()
+            error, metrics = result.error, result.metrics
+        except Exception as exc:  # TrainingFailedError once max_failures is exhausted
+            error, metrics = exc, None
+        return LaunchResult(cfg.run_dir, error, metrics)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def clear_run(run_dir: str) -> None:
+    """Delete a local run directory (tests and --overwrite on local storage)."""
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,438 @@
+"""The per-worker training loop run by Ray Train: build → restore → loop (step, maybe checkpoint, maybe log)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestration import checkpoint as ckpt
+from orchestration.config import RunConfig
+from orchestration.preemption import Preempted, PreemptionFlag, agree_to_stop
+
+KEYS_LOG = "keys.jsonl"  # per-step consumed sample keys (rank 0, global batch order): resume tests compare these
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Ray Train entry point. `payload = {"config": resolved config dict}`; the environment is set here, the
+    only place a worker process reads or writes it."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import ray.train
+
+    cfg = RunConfig.model_validate(payload["config"])
+    context = ray.train.get_context()
+    trainer = Trainer(cfg, rank=context.get_world_rank(), world_size=context.get_world_size(),
+                      local_rank=context.get_local_rank())
+    trainer.run()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, step, rank, micro): a pure function, so resumed runs redraw the same."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
+    """Linear warmup from start_factor·lr at step 0 to lr at `warmup_steps`, then constant (spec §9)."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return 1.0
+    return start_factor + (1.0 - start_factor) * step / warmup_steps
+
+
+def _gather_partition(local: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """Full tensor of a ZeRO-3 partitioned quantity (fp32 EMA shard): all-gather the equal-size partitions, trim
+    the padding, restore the shape. Collective: every rank calls it in the same order."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    flat = local.detach().reshape(-1).float().contiguous()
+    if world > 1:
+        out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+        dist.all_gather_into_tensor(out, flat)
+        flat = out
+    return flat[: param.ds_numel].view(param.ds_shape).cpu()
+
+
+def _partition_of(full: torch.Tensor, param: torch.nn.Parameter, rank: int) -> torch.Tensor:
+    """This rank's slice of a full tensor in ZeRO-3's layout: flatten, zero-pad to world × part, take part r."""
+    part = param.ds_tensor.numel()
+    flat = full.detach().reshape(-1).float()
+    padded = torch.zeros(part * (rank + 1), dtype=flat.dtype)
+    n = min(flat.numel(), padded.numel())
+    padded[:n] = flat[:n]
+    return padded[rank * part : (rank + 1) * part]
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class Counters:
+    skipped_steps: int = 0
+    preemptions: int = 0
+    data_wait_s: float = 0.0
+    step_time_s: float = 0.0
+    window_steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """One rank of the run. Reads top to bottom in `run`."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, local_rank: int = 0):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.run_dir = cfg.run_dir
+        self.device = torch.device(f"cuda:{local_rank}" if cfg.train.use_gpu else "cpu")
+        self.flag = PreemptionFlag()
+        self.counters = Counters()
+        self.wandb_run = None
+        self.wandb_id: str | None = None
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> None:
+        self.flag.install()
+        self.apply_distributed()
+        restore = self.find_restore()
+        self.build_models()
+        self.build_engine(load_universal=restore is not None and restore.state["world_size"] != self.world_size)
+        step, data_state = self.restore(restore)
+        self.loader = self.build_loader(data_state)
+        self.maybe_start_wandb(restore)
+        total = self.cfg.train.steps
+        self.t_start, self.step_start = time.time(), step
+        while step < total:
+            self.train_step(step)
+            step += 1
+            stop = agree_to_stop(self.flag.is_set())
+            if step % self.cfg.checkpoint.every == 0 or step == total or stop:
+                self.save_checkpoint(step)
+            self.maybe_log(step, total)
+            if stop:
+                self.log_line(f"preempted: checkpoint at step {step} committed; exiting for a restart")
+                raise Preempted(f"preempted at step {step}")
+        self.loader.close()
+        self.maybe_export(total)
+        self.finish()
+
+    # ------------------------------------------------------------------ build
+
+    def apply_distributed(self) -> None:
+        """DeepSpeed on top of the process group Ray Train already created (gloo on CPU, nccl on GPU)."""
+        import deepspeed
+
+        if not self.cfg.train.use_gpu:
+            # The CPU shm all-reduce op is a JIT C++ build (~30 s cold) that gloo does not need; turning it off
+            # through DeepSpeed's compatible-ops table (the only switch it has) keeps worker start fast.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        else:
+            torch.cuda.set_device(self.device)
+        deepspeed.init_distributed(dist_backend="nccl" if self.cfg.train.use_gpu else "gloo")
+
+    def find_restore(self) -> ckpt.Restored | None:
+        """Rank 0 cleans partial checkpoints; then every rank reads the same latest complete one."""
+        if self.rank == 0:
+            removed = ckpt.clean_partial(self.run_dir)
+            if removed:
+                self.log_line(f"removed partial checkpoints {removed}")
+        self.barrier()
+        return ckpt.find_restore_point(self.run_dir)
+
+    def build_models(self) -> None:
+        """Pixel model = convert(base latent transformer, B, s); teacher = frozen converted init; then the trainable
+        set. Built identically on every rank (seeded), whether starting or resuming: frozen weights are never
+        checkpointed, trainable ones are overwritten by the restore."""
+        import diffusers  # noqa: F401  (DeepSpeed's ZeRO-3 hooks need diffusers and dynamo imported first)
+        import torch._dynamo  # noqa: F401
+
+        from asymflow.components import load_base_components
+        from asymflow.convert import convert_transformer
+        from asymflow.perceptual import build_image_distance
+        from asymflow.subspace import SubspaceArtifact
+        from asymflow.trainable import apply_trainable, build_teacher
+
+        cfg = self.cfg
+        artifact = SubspaceArtifact.load(
+            cfg.subspace_path,
+            patch_size=cfg.objective.patch_size,
+            rank=cfg.subspace.rank,
+        )
+        latent = load_base_components(cfg.model, ("transformer",)).transformer
+        student = convert_transformer(latent, artifact.basis, artifact.scale)
+        del latent
+        self.teacher = build_teacher(student, share_base=cfg.trainable.share_teacher_base).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.train.seed, 0xC0FFEE))  # LoRA init: identical on every rank and run
+            apply_trainable(student, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
+        student.train()
+        if cfg.train.activation_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.student = student
+        self.buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
+        self.perceptual = build_image_distance(cfg.perceptual.kind, cfg.perceptual.weights_path, cfg.perceptual.seed)
+        if self.perceptual is not None:
+            self.perceptual = self.perceptual.to(self.device)
+
+    def build_engine(self, load_universal: bool) -> None:
+        """DeepSpeed ZeRO-3 engine over the trainable parameters, grouped for per-module learning rates."""
+        import deepspeed
+
+        from asymflow.trainable import param_groups
+        from orchestration.deepspeed_config import build_deepspeed_config
+
+        t = self.cfg.train
+        groups = param_groups(self.student, t.lr, t.lr_multipliers, t.weight_decay)
+        self.base_lrs = [g["lr"] for g in groups]
+        self.default_group = next((i for i, g in enumerate(groups) if g["name"] == "default"), 0)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.adam_eps, weight_decay=t.weight_decay)
+        ds_config = build_deepspeed_config(t, self.world_size, t.use_gpu, load_universal=load_universal)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.student, optimizer=optimizer, config=ds_config)
+        self.accum = ds_config["gradient_accumulation_steps"]
+        self.trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+
+    def build_loader(self, data_state: Any):
+        """This rank's slice of every planned global batch, continuing exactly from `data_state`."""
+        from data_prep.reader import DatasetIndex
+        from orchestration.loader import RankLoader
+
+        t = self.cfg.train
+        index = DatasetIndex.open(self.cfg.data.path)
+        # The empty-prompt embedding replaces dropped captions (only needed when caption dropout is on).
+        self.negative_embeds = index.negative_embeds()[None] if self.cfg.objective.caption_dropout > 0 else None
+        return RankLoader(index, self.cfg.data, rank=self.rank, world_size=self.world_size, micro_batch=t.micro_batch,
+                          grad_accum=self.accum, global_batch=t.global_batch, state=data_state)
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, restore: ckpt.Restored | None) -> tuple[int, Any]:
+        """Engine (optimizer included), EMA and data state from the latest complete checkpoint; or a fresh EMA."""
+        from asymflow.ema import EMA
+
+        local = {name: self._local_fp32(p).clone() for name, p in self.trainable}
+        self.ema = EMA(local, start_iter=self.cfg.ema.start_iter, gamma=self.cfg.ema.gamma)
+        if restore is None:
+            self.log_line(f"starting from the pretrained init (no checkpoint in {self.run_dir})")
+            return 0, None
+        saved_world = restore.state["world_size"]
+        local_dir = ckpt.local_checkpoint_copy(restore.path)
+        if saved_world == self.world_size:
+            self.engine.load_checkpoint(local_dir, tag=ckpt.ENGINE_TAG, load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            tag = self.maybe_convert_universal(local_dir)
+            self.engine.load_checkpoint(local_dir, tag=tag, load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        ema_full = ckpt.load_tensors(f"{local_dir}/{ckpt.EMA}")
+        self.ema.load_state_dict({name: _partition_of(ema_full[name], p, self.rank) for name, p in self.trainable})
+        self.wandb_id = restore.state.get("wandb_run_id")
+        self.counters.skipped_steps = int(restore.state.get("skipped_steps", 0))
+        self.counters.preemptions = int(restore.state.get("preemptions", 0)) + int(bool(restore.state.get("preempted")))
+        self.log_line(f"resumed from {restore.path} (step {restore.step}, saved by {saved_world} worker(s))")
+        from orchestration.data_plan import DataState
+
+        return restore.step, DataState.model_validate(restore.state["data"])
+
+    def maybe_convert_universal(self, local_dir: str) -> str:
+        """A ZeRO checkpoint refuses another world size: convert it once to DeepSpeed's universal format (rank 0,
+        a subprocess of DeepSpeed's own converter), then every rank loads that."""
+        tag = ckpt.UNIVERSAL
+        target = os.path.join(local_dir, tag)
+        if self.rank == 0 and not os.path.exists(os.path.join(target, "COMPLETE")):
+            staging = target + ".staging"
+            subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                 os.path.join(local_dir, ckpt.ENGINE_TAG), "--output_folder", staging, "--num_extract_workers", "1",
+                 "--num_merge_workers", "1", "--no_strict"],
+                check=True,
+            )
+            if os.path.exists(target):
+                import shutil
+
+                shutil.rmtree(target)
+            os.rename(staging, target)
+            open(os.path.join(target, "COMPLETE"), "w").close()
+        self.barrier()
+        return tag
+
+    # ------------------------------------------------------------------ step
+
+    def train_step(self, step: int) -> None:
+        from asymflow.objective import asymflow_vr_step
+
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        micro_batches = next(self.loader)
+        t_data = time.perf_counter() - t0
+        factor = warmup_factor(step, t.warmup_steps, t.warmup_start_factor)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+        # ZeRO-3 clips inside its step with `clip_grad`; the spec turns clipping on only from a given step.
+        self.optimizer.clip_grad = float(t.grad_clip) if t.grad_clip and step >= t.grad_clip_from_step else 0.0
+        metrics_sum: dict[str, float] = {}
+        keys: list[str] = []
+        for micro, batch in enumerate(micro_batches):
+            keys.extend(batch["keys"])
+            tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            if self.negative_embeds is not None:
+                tensors["negative_embeds"] = self.negative_embeds.to(self.device)
+            generator = torch.Generator().manual_seed(derive_seed(t.seed, step, self.rank, micro))
+            # Dropout (LoRA) draws from the global RNG: seed it too, so a resumed step redraws the same masks.
+            torch.manual_seed(derive_seed(t.seed, step, self.rank, micro, 1))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.use_gpu):
+                loss, metrics = asymflow_vr_step(self.engine, self.teacher, tensors, generator, self.cfg.objective,
+                                                 self.perceptual)
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / len(micro_batches)
+        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        if not math.isfinite(grad_norm):
+            self.counters.skipped_steps += 1  # ZeRO-3 already discarded this update
+        else:
+            self.ema.update(step, {name: self._local_fp32(p) for name, p in self.trainable})
+        self.record_keys(step, keys)
+        self.counters.data_wait_s += t_data
+        self.counters.step_time_s += time.perf_counter() - t0
+        self.counters.window_steps += 1
+        self.last_metrics = {**metrics_sum, "grad_norm": grad_norm, "lr": self.base_lrs[self.default_group] * factor}
+
+    def _local_fp32(self, param: torch.nn.Parameter) -> torch.Tensor:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(param)
+
+    def record_keys(self, step: int, keys: list[str]) -> None:
+        """Gather every rank's keys in rank order (= the global batch order) and append one line (rank 0)."""
+        gathered: list[list[str]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, keys)
+        if self.rank == 0 and ckpt.is_local(self.run_dir):
+            path = os.path.join(ckpt._fs(self.run_dir)[1], KEYS_LOG)
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, "keys": [k for part in gathered for k in part]}) + "\n")
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save_checkpoint(self, step: int) -> None:
+        """All ranks: engine files; rank 0: consolidated trainable + EMA safetensors and state.json; then rank 0
+        commits (rename + COMPLETE last + keep-last-k) after a barrier."""
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            ckpt.begin_checkpoint(self.run_dir, step)
+        self.barrier()
+        staging = ckpt.staging_dir(self.run_dir, step)
+        self.engine.save_checkpoint(ckpt.local_engine_dir(self.run_dir, step), tag=ckpt.ENGINE_TAG,
+                                    save_latest=False)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        trainable = {name: safe_get_full_fp32_param(p).cpu() for name, p in self.trainable}
+        ema_local = self.ema.shadow
+        ema = {name: _gather_partition(ema_local[name], p) for name, p in self.trainable}
+        if self.rank == 0:
+            ckpt.save_tensors(f"{staging}/{ckpt.TRAINABLE}", {**trainable, **self.buffers})
+            ckpt.save_tensors(f"{staging}/{ckpt.EMA}", {**ema, **self.buffers})
+            ckpt.write_state(f"{staging}/{ckpt.STATE}", self.state_dict(step))
+        self.barrier()
+        if self.rank == 0:
+            ckpt.commit_checkpoint(self.run_dir, step, self.cfg.checkpoint.keep)
+            self.log_line(f"checkpoint step {step} committed in {time.perf_counter() - t0:.1f}s")
+        self.barrier()
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "data": self.loader.state().model_dump(mode="json"),
+            "seeds": {"train": self.cfg.train.seed, "data": self.cfg.data.seed},
+            "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.config_hash(),
+            "world_size": self.world_size,
+            "wandb_run_id": self.wandb_id,
+            "skipped_steps": self.counters.skipped_steps,
+            "preemptions": self.counters.preemptions,
+            "preempted": self.flag.is_set(),
+            "time": time.time(),
+        }
+
+    # ------------------------------------------------------------------ observe
+
+    def maybe_start_wandb(self, restore: ckpt.Restored | None) -> None:
+        """wandb on rank 0 only; the run id lives in state.json so a resumed run continues the same wandb run."""
+        if self.wandb_id is None:
+            self.wandb_id = f"{self.cfg.run.name}-{derive_seed(int(time.time() * 1e6)) % 10**8:08d}"
+        if self.rank != 0 or self.cfg.log.wandb_mode == "disabled":
+            return
+        import wandb
+
+        wandb_dir = os.path.join(ckpt._fs(self.run_dir)[1], "wandb") if ckpt.is_local(self.run_dir) else None
+        if wandb_dir:
+            os.makedirs(wandb_dir, exist_ok=True)
+        self.wandb_run = wandb.init(
+            project=self.cfg.log.wandb_project, entity=self.cfg.log.wandb_entity, id=self.wandb_id, resume="allow",
+            mode=self.cfg.log.wandb_mode, dir=wandb_dir, config=self.cfg.to_dict(),
+        )
+
+    def maybe_log(self, step: int, total: int) -> None:
+        if step % self.cfg.log.every and step != total:
+            return
+        c = self.counters
+        step_time = c.step_time_s / max(c.window_steps, 1)
+        metrics = {
+            **self.last_metrics,
+            "step_time_s": step_time,
+            "samples_per_s": self.cfg.train.global_batch / step_time if step_time else 0.0,
+            "data_wait_frac": c.data_wait_s / c.step_time_s if c.step_time_s else 0.0,
+            "skipped_steps": c.skipped_steps,
+            "preemptions": c.preemptions,
+        }
+        c.data_wait_s = c.step_time_s = 0.0
+        c.window_steps = 0
+        import ray.train
+
+        ray.train.report({k: float(v) for k, v in metrics.items()})
+        if self.rank != 0:
+            return
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        done = step - self.step_start
+        eta = (time.time() - self.t_start) / max(done, 1) * (total - step)
+        self.log_line(
+            f"step {step}/{total} loss {metrics.get('loss', float('nan')):.4f} gn {metrics['grad_norm']:.3g} "
+            f"lr {metrics['lr']:.3g} {metrics['samples_per_s']:.1f} samples/s data-wait "
+            f"{100 * metrics['data_wait_frac']:.0f}% skipped {c.skipped_steps} eta {eta / 60:.1f} min"
+        )
+
+    def log_line(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[asymflow] {text}", flush=True)
+
+    def maybe_export(self, step: int) -> None:
+        """The adapter directory from the EMA weights of the final checkpoint (rank 0)."""
+        if self.rank == 0 and ckpt.is_local(self.run_dir):
+            from orchestration.train_cli import export_checkpoint
+
+            out = export_checkpoint(self.run_dir, step=step)
+            self.log_line(f"exported EMA adapter to {out}")
+        self.barrier()
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
