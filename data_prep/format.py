@@ -44,9 +44,12 @@ SKIP_REASONS = (
     "bad_caption_encoding",  # caption bytes are not valid UTF-8
     "not_an_image",  # no decoder recognises the bytes (or a tar sample without an image member)
     "decompression_bomb",  # header claims more pixels than --max-pixels
-    "truncated",  # image data ends early / corrupt stream
+    "truncated",  # image data ends early
+    "corrupt",  # the decoder rejects the image data for another reason
     "too_small",  # below --min-side, or would need upscaling without --upscale
     "unsupported",  # a decodable image we cannot convert to RGB (exotic mode)
+    "bad_row",  # a table row that names no image (invalid JSON line, empty path cell)
+    "error",  # an unexpected exception while processing this input (a bug: please report the detail)
 )
 
 # Keys are the input's position in the sorted input enumeration, so they are stable across reruns and
