@@ -34,7 +34,8 @@ def make_rows(n_shards: int = 12, per_shard: int = 17, buckets: tuple[str, ...] 
     for s in range(n_shards):
         for i in range(per_shard):
             n = s * per_shard + i
-            rows.append({"key": f"{n:09d}", "shard": f"shard-{s:06d}.tar", "index": i, "bucket": buckets[(n * n + s) % len(buckets)]})
+            bucket = buckets[(n * n + s) % len(buckets)]
+            rows.append({"key": f"{n:09d}", "shard": f"shard-{s:06d}.tar", "index": i, "bucket": bucket})
     return rows
 
 
