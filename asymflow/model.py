@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import Flux2Transformer2DModel
+from diffusers import ModelMixin  # noqa: F401  diffusers' pipeline loader looks base classes up by name in this module
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModelOutput
 from torch import nn
