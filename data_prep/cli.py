@@ -184,7 +184,7 @@ def _run_cache(args: argparse.Namespace) -> int:
     from .run_config import load_model_config
 
     try:
-        build_cache(
+        summary = build_cache(
             args.data,
             load_model_config(args.config),
             batch_size=args.batch_size,
@@ -193,8 +193,9 @@ def _run_cache(args: argparse.Namespace) -> int:
             device=args.device,
         )
     except (CacheMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"prep cache: error: {e}", file=sys.stderr)
         return 2
+    print(summary.message)
     return 0
 
 
@@ -203,7 +204,7 @@ def _run_subspace(args: argparse.Namespace) -> int:
     from .subspace_job import fit_subspace
 
     try:
-        fit_subspace(
+        artifact, path = fit_subspace(
             args.data,
             load_model_config(args.config),
             num_images=args.num_images,
@@ -214,6 +215,10 @@ def _run_subspace(args: argparse.Namespace) -> int:
             output=args.output,
         )
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"prep subspace: error: {e}", file=sys.stderr)
         return 2
+    print(
+        f"subspace ({artifact.method}, rank {artifact.rank}, s={artifact.scale:.6g}) from "
+        f"{artifact.extra['num_images']} images ({artifact.extra['skipped']} corrupt skipped) -> {path}"
+    )
     return 0

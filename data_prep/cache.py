@@ -1,0 +1,387 @@
+"""`prep cache`: per-sample VAE latents and text embeddings as safetensors members of sidecar shards in DATA/cache/.
+
+Layout (next to the image shards; DATA may be a local path or an fsspec URL)::
+
+    DATA/cache/index.json            {"version", "format", model identity, "dtype", "manifest_hash",
+                                      "num_samples", "complete", "shards": [{name, num_samples, bytes, sha256}]}
+    DATA/cache/samples.parquet       CACHE_SCHEMA, rows in the image table's order (written once complete)
+    DATA/cache/negative.safetensors  the empty-prompt embedding ("text_embeds" [L, D]), the negative prompt
+    DATA/cache/<image shard name>    tar: `{key}.latent.safetensors` then `{key}.text.safetensors` per sample,
+                                     samples in the image shard's order
+    DATA/cache/parts/<shard>.parquet the finished shard's rows of samples.parquet (so a resumed run can rebuild it)
+
+Each member is safetensors bytes holding `latents` [128, H/16, W/16] (normalised, 2×2-patchified) or
+`text_embeds` [L, D], in bf16, or fp8 e4m3 with an fp32 per-tensor `{name}_scale` (spec §7). A shard is done
+once its tar and part were renamed into place and index.json lists it; reruns skip done shards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from asymflow.components import BaseModelConfig, load_base_components
+from asymflow.latents import encode_latents
+from asymflow.text import encode_prompts
+
+from .format import (
+    SampleTarWriter,
+    canonical_json,
+    join,
+    load_manifest,
+    load_sample_table,
+    manifest_hash,
+    read_sample_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "cache"
+CACHE_FORMAT = "asymflow-cache"
+CACHE_VERSION = 1
+INDEX_FILE = "index.json"
+TABLE_FILE = "samples.parquet"
+PARTS_DIR = "parts"
+NEGATIVE_FILE = "negative.safetensors"
+LATENT_SUFFIX = "latent.safetensors"
+TEXT_SUFFIX = "text.safetensors"
+LATENT_NAME = "latents"
+TEXT_NAME = "text_embeds"
+
+CACHE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),  # cache shard name, relative to DATA/cache
+        ("offset", pa.int64()),  # first member header of the sample
+        ("size", pa.int64()),  # through the end of the text member's padding
+        ("latent_size", pa.int64()),  # through the end of the latent member's padding (latents-only reads)
+    ]
+)
+
+CacheDtype = Literal["bf16", "fp8"]
+CACHE_DTYPES: tuple[CacheDtype, ...] = ("bf16", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_SCALE = 1e-6  # keeps all-zero tensors (e.g. padded text positions) dequantisable
+# Round-trip error bound per element x (scale = max|x|/448 for fp8):
+#   bf16: |x̂ − x| ≤ |x|·2⁻⁸;   fp8 e4m3: |x̂ − x| ≤ |x|·2⁻⁴ + scale·2⁻¹⁰ (3 mantissa bits; subnormal step 2⁻⁹).
+BF16_REL_TOL = 2.0**-8
+FP8_REL_TOL = 2.0**-4
+FP8_ABS_TOL_PER_SCALE = 2.0**-10
+
+
+class CacheMismatchError(ValueError):
+    """An existing cache was built for another model, dtype or dataset; it is never mixed with new entries."""
+
+
+# ---------------------------------------------------------------- tensor codec (safetensors bytes, never pickle)
+
+
+def tensor_to_bytes(name: str, x: torch.Tensor, dtype: CacheDtype) -> bytes:
+    """One tensor as safetensors bytes: bf16, or fp8 e4m3 with an fp32 per-tensor scale `{name}_scale`.
+
+    fp8 follows spec §7: scale = max(|x|)/448 (≥ 1e-6), stored value = x/scale, dequantise by multiplying.
+    """
+    x = x.detach().to("cpu", torch.float32).contiguous()
+    if dtype == "bf16":
+        tensors = {name: x.to(torch.bfloat16)}
+    elif dtype == "fp8":
+        scale = (x.abs().amax() / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+        tensors = {name: (x / scale).to(torch.float8_e4m3fn), f"{name}_scale": scale.reshape(())}
+    else:
+        raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {CACHE_DTYPES}")
+    # One metadata entry only: safetensors writes the metadata map in hash order, which varies between processes,
+    # and reruns must be byte-identical. The dtype is visible from the stored tensors anyway.
+    return st_save(tensors, metadata={"format": CACHE_FORMAT})
+
+
+def bytes_to_tensor(data: bytes, name: str) -> torch.Tensor:
+    """Inverse of `tensor_to_bytes`: the stored tensor, dequantised, in fp32."""
+    tensors = st_load(data)
+    if name not in tensors:
+        raise KeyError(f"tensor {name!r} missing (found {sorted(tensors)})")
+    x = tensors[name].to(torch.float32)
+    scale = tensors.get(f"{name}_scale")
+    return x * scale.to(torch.float32) if scale is not None else x
+
+
+# ---------------------------------------------------------------- cache manifest
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """Everything the cached tensors depend on; an existing cache is extended only when all of it matches."""
+
+    model_fingerprint: str
+    model_dtype: str
+    text_hidden_layers: tuple[int, ...]
+    max_sequence_length: int
+    dtype: CacheDtype
+    manifest_hash: str
+
+    @classmethod
+    def of(cls, cfg: BaseModelConfig, dtype: CacheDtype, data_manifest_hash: str) -> CacheIdentity:
+        return cls(cfg.fingerprint(), cfg.dtype, tuple(cfg.text_hidden_layers), cfg.max_sequence_length, dtype, data_manifest_hash)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> CacheIdentity:
+        values = {f.name: manifest[f.name] for f in fields(cls)}
+        return cls(**{**values, "text_hidden_layers": tuple(values["text_hidden_layers"])})
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"text_hidden_layers": list(self.text_hidden_layers)}
+
+    def differences(self, other: CacheIdentity) -> list[str]:
+        """'field: existing != requested' for each field that differs."""
+        return [
+            f"{f.name}: {getattr(other, f.name)!r} (existing) != {getattr(self, f.name)!r} (requested)"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def cache_manifest(identity: CacheIdentity, shards: list[dict[str, Any]], total_shards: int) -> dict[str, Any]:
+    """The `cache/index.json` document; `complete` once every image shard has its sidecar."""
+    return {
+        "version": CACHE_VERSION,
+        "format": CACHE_FORMAT,
+        **identity.to_json(),
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "complete": len(shards) == total_shards,
+        "members": {LATENT_NAME: f"{{key}}.{LATENT_SUFFIX}", TEXT_NAME: f"{{key}}.{TEXT_SUFFIX}"},
+        "shards": shards,
+    }
+
+
+def load_cache_manifest(data_dir: str) -> dict[str, Any] | None:
+    """DATA/cache/index.json, or None when the dataset has no cache."""
+    path = join(join(data_dir, CACHE_DIR), INDEX_FILE)
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        return None
+    manifest = json.loads(fs.cat_file(p))
+    if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
+        raise CacheMismatchError(f"{path} is not a version-{CACHE_VERSION} {CACHE_FORMAT} manifest")
+    return manifest
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write via a temp name and rename, so readers and resumed runs never see a half-written file."""
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass
+class CacheSummary:
+    cache_dir: str
+    num_shards: int
+    shards_written: int
+    shards_skipped: int
+    num_samples: int
+
+    @property
+    def message(self) -> str:
+        if not self.shards_written:
+            return f"cache {self.cache_dir} is complete ({self.num_samples} samples, {self.num_shards} shards): nothing to do"
+        return (
+            f"cache {self.cache_dir}: {self.shards_written} shards written, {self.shards_skipped} already done, "
+            f"{self.num_samples} samples"
+        )
+
+
+def _batches(rows: Sequence[Mapping[str, Any]], batch_size: int) -> Iterator[list[int]]:
+    """Positions of `rows` in same-bucket batches of ≤ batch_size, looking ahead over a window of 4 batches.
+
+    The bounded window keeps memory flat (only a window's decoded images and embeddings are held) while still
+    filling most batches when buckets are interleaved; the order is a pure function of rows and batch_size,
+    which keeps reruns byte-identical.
+    """
+    window = 4 * batch_size
+    for start in range(0, len(rows), window):
+        groups: dict[str, list[int]] = {}
+        for i in range(start, min(start + window, len(rows))):
+            groups.setdefault(rows[i]["bucket"], []).append(i)
+        for members in groups.values():
+            for j in range(0, len(members), batch_size):
+                yield members[j : j + batch_size]
+
+
+class _Encoder:
+    """The base model's VAE + text encoder, turning decoded samples into cached member bytes."""
+
+    def __init__(self, cfg: BaseModelConfig, dtype: CacheDtype, device: str):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        parts = load_base_components(cfg, ("vae", "text_encoder", "tokenizer"))
+        self.vae = parts.vae.to(self.device)
+        self.text_encoder = parts.text_encoder.to(self.device)
+        self.tokenizer = parts.tokenizer
+
+    def text(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(
+            self.text_encoder, self.tokenizer, prompts, self.cfg.text_hidden_layers, self.cfg.max_sequence_length
+        ).float()
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_latents(self.vae, images.to(self.device)).float()
+
+
+def _encode_shard(
+    data_dir: str, rows: list[dict[str, Any]], encoder: _Encoder, batch_size: int, fs: fsspec.AbstractFileSystem, bar: Any
+) -> Iterator[tuple[str, bytes, bytes]]:
+    """(key, latent bytes, text bytes) for `rows` in row order, computed in same-bucket batches."""
+    from .reader import decode_image, find_image  # local: reader imports this module's format constants
+
+    pending: dict[int, tuple[bytes, bytes]] = {}
+    next_out = 0
+    for batch in _batches(rows, batch_size):
+        images, captions = [], []
+        for i in batch:
+            members = read_sample_bytes(data_dir, rows[i], fs=fs)
+            suffix, data = find_image(members)
+            images.append(decode_image(suffix, data))
+            captions.append(members.get("txt", b"").decode("utf-8"))
+        latents = encoder.latents(torch.stack(images))
+        text = encoder.text(captions)
+        for j, i in enumerate(batch):
+            pending[i] = (tensor_to_bytes(LATENT_NAME, latents[j], encoder.dtype), tensor_to_bytes(TEXT_NAME, text[j], encoder.dtype))
+        bar.update(len(batch))
+        # Emit in row order as soon as the next row is ready; at most one window is ever pending.
+        while next_out in pending:
+            latent, txt = pending.pop(next_out)
+            yield rows[next_out]["key"], latent, txt
+            next_out += 1
+    assert not pending and next_out == len(rows), "every row is encoded exactly once"
+
+
+def _done_shards(fs: fsspec.AbstractFileSystem, cache_root: str, existing: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Manifest entries of finished shards: listed in index.json, tar in place at the recorded size, part written."""
+    done = {}
+    for entry in (existing or {}).get("shards", []):
+        tar = f"{cache_root}/{entry['name']}"
+        if fs.exists(tar) and fs.size(tar) == entry["bytes"] and fs.exists(f"{cache_root}/{PARTS_DIR}/{entry['name']}.parquet"):
+            done[entry["name"]] = entry
+        else:
+            log.warning("cache shard %s is listed but missing or incomplete; rebuilding it", tar)
+    return done
+
+
+def build_cache(
+    data_dir: str,
+    cfg: BaseModelConfig,
+    *,
+    batch_size: int = 8,
+    dtype: CacheDtype = "bf16",
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> CacheSummary:
+    """Cache latents + text embeddings of every sample of the dataset at `data_dir` into DATA/cache/ (resumable)."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be ≥ 1, got {batch_size}")
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {CACHE_DTYPES}")
+    manifest = load_manifest(data_dir)
+    identity = CacheIdentity.of(cfg, dtype, manifest_hash(manifest))
+    cache_dir = join(data_dir, CACHE_DIR)
+    fs, cache_root = fsspec.core.url_to_fs(cache_dir)
+
+    existing = load_cache_manifest(data_dir)
+    if existing is not None and overwrite:
+        log.info("--overwrite: removing the existing cache %s", cache_dir)
+        fs.rm(cache_root, recursive=True)
+        existing = None
+    if existing is not None:
+        diffs = identity.differences(CacheIdentity.from_manifest(existing))
+        if diffs:
+            raise CacheMismatchError(
+                f"{cache_dir} holds a cache built differently ({'; '.join(diffs)}); refusing to mix them. "
+                "Rerun with --overwrite to rebuild it from scratch."
+            )
+    fs.makedirs(f"{cache_root}/{PARTS_DIR}", exist_ok=True)
+    shard_names = [s["name"] for s in manifest["shards"]]
+    index_path = f"{cache_root}/{INDEX_FILE}"
+    if existing is None:  # record the identity before any work, so even a cache killed early refuses another model
+        _atomic_put(fs, index_path, canonical_json(cache_manifest(identity, [], len(shard_names))))
+
+    done = _done_shards(fs, cache_root, existing)
+    todo = [n for n in shard_names if n not in done]
+    table_path = f"{cache_root}/{TABLE_FILE}"
+    summary = CacheSummary(cache_dir, len(shard_names), len(todo), len(done), manifest["num_samples"])
+    if not todo and fs.exists(table_path) and fs.exists(f"{cache_root}/{NEGATIVE_FILE}"):
+        return summary
+
+    encoder = _Encoder(cfg, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _atomic_put(fs, f"{cache_root}/{NEGATIVE_FILE}", tensor_to_bytes(TEXT_NAME, encoder.text([""])[0], dtype))
+
+    rows_by_shard: dict[str, list[dict[str, Any]]] = {n: [] for n in shard_names}
+    for row in load_sample_table(data_dir).select(["key", "shard", "index", "bucket", "offset", "size"]).to_pylist():
+        rows_by_shard[row["shard"]].append(row)
+    data_fs, _ = fsspec.core.url_to_fs(data_dir)
+    with tqdm(
+        total=manifest["num_samples"],
+        initial=sum(s["num_samples"] for s in done.values()),
+        unit="img",
+        desc="cache",
+        disable=not progress,
+    ) as bar:
+        for name in todo:
+            rows = sorted(rows_by_shard[name], key=lambda r: r["index"])
+            done[name] = _write_shard(fs, cache_root, name, _encode_shard(data_dir, rows, encoder, batch_size, data_fs, bar))
+            shards = [done[n] for n in shard_names if n in done]
+            _atomic_put(fs, index_path, canonical_json(cache_manifest(identity, shards, len(shard_names))))
+
+    parts = []
+    for name in shard_names:
+        with fs.open(f"{cache_root}/{PARTS_DIR}/{name}.parquet", "rb") as f:
+            parts.append(pq.read_table(f))
+    _atomic_put(fs, table_path, _table_bytes(pa.concat_tables(parts) if parts else CACHE_SCHEMA.empty_table()))
+    return summary
+
+
+def _member_extent(num_bytes: int) -> int:
+    """Bytes a ustar member takes: one header block plus its data padded to whole blocks."""
+    return tarfile.BLOCKSIZE * (1 + -(-num_bytes // tarfile.BLOCKSIZE))
+
+
+def _write_shard(
+    fs: fsspec.AbstractFileSystem, cache_root: str, name: str, samples: Iterator[tuple[str, bytes, bytes]]
+) -> dict[str, Any]:
+    """Stream samples into `name` under a temp name, write its table part, rename both into place; its manifest entry."""
+    path, tmp = f"{cache_root}/{name}", f"{cache_root}/{name}.tmp"
+    rows: dict[str, list[Any]] = {f.name: [] for f in CACHE_SCHEMA}
+    with fs.open(tmp, "wb") as f:
+        writer = SampleTarWriter(f)
+        for key, latent, text in samples:
+            # Latents first, so a latents-only read is the prefix [offset, offset + latent_size).
+            offset, size = writer.write_sample(key, {LATENT_SUFFIX: latent, TEXT_SUFFIX: text})
+            for field, value in zip(CACHE_SCHEMA.names, (key, name, offset, size, _member_extent(len(latent)))):
+                rows[field].append(value)
+        num_bytes, sha256 = writer.close()
+    _atomic_put(fs, f"{cache_root}/{PARTS_DIR}/{name}.parquet", _table_bytes(pa.table(rows, schema=CACHE_SCHEMA)))
+    fs.mv(tmp, path)
+    return {"name": name, "num_samples": writer.num_samples, "bytes": num_bytes, "sha256": sha256}

@@ -1,0 +1,164 @@
+"""`prep cache` on real shards built by `prep shards` from scikit-image photos, with the tiny in-code models."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from asymflow.text import encode_prompts
+from data_prep import cache as cache_mod
+from data_prep.cache import CacheMismatchError, build_cache, bytes_to_tensor, tensor_to_bytes
+from data_prep.corpus import build_clean_corpus
+from data_prep.format import load_manifest, load_sample_table, manifest_hash
+from data_prep.run_config import load_model_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "orchestration.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
+def cached_dataset(base: Path) -> Path:
+    """Shards of the clean skimage corpus (64² buckets, 4 per shard) plus a bf16 cache, built once per session."""
+    data = base / "cached-dataset"
+    if not (data / "cache" / "samples.parquet").exists():
+        build_clean_corpus(base / "corpus")
+        shards = run_cli(
+            "prep", "shards", str(base / "corpus"), str(data),
+            "--resolution", "64", "--shard-size", "4", "--workers", "1", "--no-progress",
+        )
+        assert shards.returncode == 0, shards.stderr
+        build_cache(str(data), load_model_config(TINY_CONFIG), batch_size=2, progress=False)
+    return data
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return cached_dataset(tmp_path_factory.getbasetemp())
+
+
+def test_cache_layout_matches_the_image_shards(dataset: Path) -> None:
+    manifest = load_manifest(str(dataset))
+    cache_dir = dataset / "cache"
+    index = json.loads((cache_dir / "index.json").read_text())
+    assert index["complete"] and index["version"] == 1 and index["dtype"] == "bf16"
+    assert index["model_fingerprint"] == load_model_config(TINY_CONFIG).fingerprint()
+    assert index["manifest_hash"] == manifest_hash(manifest)
+    assert [s["name"] for s in index["shards"]] == [s["name"] for s in manifest["shards"]]
+    for entry, image_entry in zip(index["shards"], manifest["shards"]):
+        data = (cache_dir / entry["name"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["num_samples"] == image_entry["num_samples"]
+        # Stock tarfile reads the sidecar: latent then text member per sample, in the image shard's order.
+        with tarfile.open(cache_dir / entry["name"]) as tar:
+            names = tar.getnames()
+        with tarfile.open(dataset / entry["name"]) as tar:
+            keys = list(dict.fromkeys(n.split(".", 1)[0] for n in tar.getnames()))
+        assert names == [f"{k}.{suffix}" for k in keys for suffix in ("latent.safetensors", "text.safetensors")]
+
+    table = pq.read_table(cache_dir / "samples.parquet")
+    assert table.column_names == ["key", "shard", "offset", "size", "latent_size"]
+    assert table["key"].to_pylist() == load_sample_table(str(dataset))["key"].to_pylist()
+
+    cfg = load_model_config(TINY_CONFIG)
+    negative = bytes_to_tensor((cache_dir / "negative.safetensors").read_bytes(), "text_embeds")
+    from asymflow.components import load_base_components
+
+    parts = load_base_components(cfg, ("text_encoder", "tokenizer"))
+    expected = encode_prompts(parts.text_encoder, parts.tokenizer, [""], cfg.text_hidden_layers, cfg.max_sequence_length)[0]
+    assert negative.shape == (cfg.max_sequence_length, 3 * 32)
+    torch.testing.assert_close(negative, expected, rtol=2**-8, atol=1e-6)
+
+
+def test_rerun_is_a_noop_and_resume_is_byte_identical(dataset: Path, tmp_path: Path) -> None:
+    data = copy_dataset(dataset, tmp_path / "data")
+    before = file_hashes(data)
+    rerun = run_cli("prep", "cache", str(data), "--config", TINY_CONFIG, "--batch-size", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "nothing to do" in rerun.stdout
+    assert file_hashes(data) == before
+
+    # A run killed while writing the last shard: its tar is a half-written temp file, index.json lacks it.
+    cache_dir = data / "cache"
+    index = json.loads((cache_dir / "index.json").read_text())
+    last = index["shards"][-1]["name"]
+    (cache_dir / last).rename(cache_dir / f"{last}.tmp")
+    with open(cache_dir / f"{last}.tmp", "r+b") as f:
+        f.truncate(1000)
+    (cache_dir / "index.json").write_text(json.dumps({**index, "shards": index["shards"][:-1], "complete": False}))
+    (cache_dir / "samples.parquet").unlink()
+    build_cache(str(data), load_model_config(TINY_CONFIG), batch_size=2, progress=False)
+    assert file_hashes(data) == before
+
+
+def test_refuses_a_cache_from_another_model_unless_overwrite(dataset: Path, tmp_path: Path) -> None:
+    data = copy_dataset(dataset, tmp_path / "data")
+    other = tmp_path / "other.yaml"
+    other.write_text("model:\n  kind: tiny\n  seed: 1\n")
+    refused = run_cli("prep", "cache", str(data), "--config", str(other))
+    assert refused.returncode == 2
+    assert "model_fingerprint" in refused.stderr and "--overwrite" in refused.stderr
+    with pytest.raises(CacheMismatchError, match="dtype"):
+        build_cache(str(data), load_model_config(TINY_CONFIG), dtype="fp8", progress=False)
+
+    build_cache(str(data), load_model_config(str(other)), batch_size=4, overwrite=True, progress=False)
+    index = json.loads((data / "cache" / "index.json").read_text())
+    assert index["model_fingerprint"] == "tiny:seed=1" and index["complete"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_tensor_codec_round_trips_within_its_stated_tolerance(dtype: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # Wide dynamic range (6 decades) so fp8's subnormal range is exercised, plus exact zeros.
+    x = torch.randn(64, 96, generator=gen) * torch.logspace(-4, 2, 96)
+    x[0] = 0.0
+    data = tensor_to_bytes("t", x, dtype)
+    assert b"pickle" not in data and data[8:9] == b"{"  # a safetensors header, nothing executable
+    y = bytes_to_tensor(data, "t")
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    if dtype == "bf16":
+        bound = x.abs() * cache_mod.BF16_REL_TOL
+    else:
+        scale = x.abs().max() / cache_mod.FP8_MAX
+        bound = x.abs() * cache_mod.FP8_REL_TOL + scale * cache_mod.FP8_ABS_TOL_PER_SCALE
+    assert ((y - x).abs() <= bound + 1e-12).all()
+    assert (y[0] == 0).all()
+    assert bytes_to_tensor(tensor_to_bytes("z", torch.zeros(3), dtype), "z").eq(0).all()
+
+
+def test_fp8_cache_matches_the_bf16_cache_within_tolerance(dataset: Path, tmp_path: Path) -> None:
+    data = copy_dataset(dataset, tmp_path / "data")
+    build_cache(str(data), load_model_config(TINY_CONFIG), dtype="fp8", overwrite=True, progress=False)
+    from data_prep.reader import DatasetIndex, read_cached
+
+    fp8, bf16 = DatasetIndex.open(str(data)), DatasetIndex.open(str(dataset))
+    assert fp8.cache_manifest["dtype"] == "fp8"
+    for i in range(len(fp8)):
+        got, ref = read_cached(fp8, fp8.row(i)), read_cached(bf16, bf16.row(i))
+        for name in ("latents", "text_embeds"):
+            scale = ref[name].abs().max() / cache_mod.FP8_MAX
+            # fp8 bound against the true value, plus bf16's own error on the reference.
+            bound = ref[name].abs() * (cache_mod.FP8_REL_TOL + 2 * cache_mod.BF16_REL_TOL) + 2 * scale * cache_mod.FP8_ABS_TOL_PER_SCALE
+            assert ((got[name] - ref[name]).abs() <= bound).all(), name
