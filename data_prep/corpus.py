@@ -168,7 +168,7 @@ def build_large_corpus(root: str | os.PathLike, count: int = 16, long_side: int 
         if f.suffix == ".jpg":
             im.save(f, "JPEG", quality=95)
         else:
-            im.save(f, "PNG", compress_level=6)
+            im.save(f, "PNG", compress_level=3)
     stamp.write_text(json.dumps(params))
     return files
 

@@ -34,7 +34,7 @@ from typing import Any
 import fsspec
 
 from data_prep import format as fmt
-from data_prep.images import ImageSpec, SkipImage, process_image
+from data_prep.images import ImageSpec, ProcessedImage, SkipImage, process_image
 from data_prep.sources import InputItem, enumerate_inputs, read_caption, read_image_bytes
 
 BUILD_DIR = "_build"  # resume state, removed once index.json is written
@@ -114,7 +114,7 @@ def put_atomic(url: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
-def _sample_meta(key: str, item: InputItem, out: Any, digest: str, extra: dict[str, Any]) -> bytes:
+def _sample_meta(key: str, item: InputItem, out: ProcessedImage, digest: str, extra: dict[str, Any]) -> bytes:
     meta = {
         "key": key,
         "source": item.source,
@@ -307,9 +307,10 @@ class _Committer:
         else:
             self.fs.rm(tmp_path)
         rows = [{"shard": name, "index": i, **o.row} for i, o in enumerate(kept)]
-        record = {"chunk": task.chunk, "entry": entry, "rows": rows, "skipped": skipped, "digests": digests}
-        put_atomic(self.done_url(task.chunk), fmt.canonical_json(record))
-        return record
+        data = fmt.canonical_json({"chunk": task.chunk, "entry": entry, "rows": rows, "skipped": skipped, "digests": digests})
+        put_atomic(self.done_url(task.chunk), data)
+        # Finalize from the record as a resumed run would read it back, so both produce the same bytes.
+        return json.loads(data)
 
     def _rewrite_without(self, tmp_path: str, kept: list[InputOutcome]) -> tuple[int, str]:
         """Copy the kept samples' bytes verbatim into a new tar (offsets shift; bytes are as if never written)."""
