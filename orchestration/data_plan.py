@@ -27,7 +27,7 @@ class DataSection(BaseModel):
 
     path: str
     seed: int = Field(default=0, ge=0)
-    window_shards: int = Field(default=4, ge=1, description="shards shuffled together (K); also the read-ahead unit")
+    window_shards: int = Field(default=4, ge=1, description="shards whose samples are shuffled together (K)")
     loader_workers: int = Field(default=2, ge=0, description="decode threads per rank; 0 reads inline, without read-ahead")
     prefetch_batches: int = Field(default=2, ge=0, description="steps read ahead of the one being trained on")
     drop_remainder: bool = Field(
