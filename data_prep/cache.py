@@ -43,6 +43,7 @@ from .format import (
     manifest_hash,
     read_sample_bytes,
 )
+from .shards import put_atomic
 
 log = logging.getLogger(__name__)
 
@@ -174,24 +175,13 @@ def load_cache_manifest(data_dir: str) -> dict[str, Any] | None:
     return manifest
 
 
-# ---------------------------------------------------------------- atomic writes
-
-
-def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write via a temp name and rename, so readers and resumed runs never see a half-written file."""
-    tmp = f"{path}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+# ---------------------------------------------------------------- the job
 
 
 def _table_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
-
-
-# ---------------------------------------------------------------- the job
 
 
 @dataclass
@@ -324,9 +314,9 @@ def build_cache(
             )
     fs.makedirs(f"{cache_root}/{PARTS_DIR}", exist_ok=True)
     shard_names = [s["name"] for s in manifest["shards"]]
-    index_path = f"{cache_root}/{INDEX_FILE}"
+    index_url = join(cache_dir, INDEX_FILE)
     if existing is None:  # record the identity before any work, so even a cache killed early refuses another model
-        _atomic_put(fs, index_path, canonical_json(cache_manifest(identity, [], len(shard_names))))
+        put_atomic(index_url, canonical_json(cache_manifest(identity, [], len(shard_names))))
 
     done = _done_shards(fs, cache_root, existing)
     todo = [n for n in shard_names if n not in done]
@@ -336,7 +326,7 @@ def build_cache(
         return summary
 
     encoder = _Encoder(cfg, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _atomic_put(fs, f"{cache_root}/{NEGATIVE_FILE}", tensor_to_bytes(TEXT_NAME, encoder.text([""])[0], dtype))
+    put_atomic(join(cache_dir, NEGATIVE_FILE), tensor_to_bytes(TEXT_NAME, encoder.text([""])[0], dtype))
 
     rows_by_shard: dict[str, list[dict[str, Any]]] = {n: [] for n in shard_names}
     for row in load_sample_table(data_dir).select(["key", "shard", "index", "bucket", "offset", "size"]).to_pylist():
@@ -351,15 +341,15 @@ def build_cache(
     ) as bar:
         for name in todo:
             rows = sorted(rows_by_shard[name], key=lambda r: r["index"])
-            done[name] = _write_shard(fs, cache_root, name, _encode_shard(data_dir, rows, encoder, batch_size, data_fs, bar))
+            done[name] = _write_shard(cache_dir, name, _encode_shard(data_dir, rows, encoder, batch_size, data_fs, bar))
             shards = [done[n] for n in shard_names if n in done]
-            _atomic_put(fs, index_path, canonical_json(cache_manifest(identity, shards, len(shard_names))))
+            put_atomic(index_url, canonical_json(cache_manifest(identity, shards, len(shard_names))))
 
     parts = []
     for name in shard_names:
         with fs.open(f"{cache_root}/{PARTS_DIR}/{name}.parquet", "rb") as f:
             parts.append(pq.read_table(f))
-    _atomic_put(fs, table_path, _table_bytes(pa.concat_tables(parts) if parts else CACHE_SCHEMA.empty_table()))
+    put_atomic(join(cache_dir, TABLE_FILE), _table_bytes(pa.concat_tables(parts) if parts else CACHE_SCHEMA.empty_table()))
     return summary
 
 
@@ -368,11 +358,10 @@ def _member_extent(num_bytes: int) -> int:
     return tarfile.BLOCKSIZE * (1 + -(-num_bytes // tarfile.BLOCKSIZE))
 
 
-def _write_shard(
-    fs: fsspec.AbstractFileSystem, cache_root: str, name: str, samples: Iterator[tuple[str, bytes, bytes]]
-) -> dict[str, Any]:
-    """Stream samples into `name` under a temp name, write its table part, rename both into place; its manifest entry."""
-    path, tmp = f"{cache_root}/{name}", f"{cache_root}/{name}.tmp"
+def _write_shard(cache_dir: str, name: str, samples: Iterator[tuple[str, bytes, bytes]]) -> dict[str, Any]:
+    """Stream samples into `name` under a temp name, write its table part, rename the tar into place; its manifest entry."""
+    fs, path = fsspec.core.url_to_fs(join(cache_dir, name))
+    tmp = f"{path}.tmp"  # streamed, not put_atomic: a shard of real text embeddings is too large to hold in memory
     rows: dict[str, list[Any]] = {f.name: [] for f in CACHE_SCHEMA}
     with fs.open(tmp, "wb") as f:
         writer = SampleTarWriter(f)
@@ -382,6 +371,6 @@ def _write_shard(
             for field, value in zip(CACHE_SCHEMA.names, (key, name, offset, size, _member_extent(len(latent)))):
                 rows[field].append(value)
         num_bytes, sha256 = writer.close()
-    _atomic_put(fs, f"{cache_root}/{PARTS_DIR}/{name}.parquet", _table_bytes(pa.table(rows, schema=CACHE_SCHEMA)))
+    put_atomic(join(cache_dir, f"{PARTS_DIR}/{name}.parquet"), _table_bytes(pa.table(rows, schema=CACHE_SCHEMA)))
     fs.mv(tmp, path)
     return {"name": name, "num_samples": writer.num_samples, "bytes": num_bytes, "sha256": sha256}
