@@ -24,6 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_commands(sub)
     # --- end train / export ---
+
+    # --- job lifecycle: cluster up/down, submit, status, logs, stop, list (orchestration.cluster, .jobs) ---
+    from orchestration.cluster import add_cluster_commands
+    from orchestration.jobs import add_job_commands
+
+    add_cluster_commands(sub)
+    add_job_commands(sub)
+    # --- end job lifecycle ---
     return parser
 
 
