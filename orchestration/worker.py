@@ -122,7 +122,7 @@ class Trainer:
             step += 1
             stop = agree_to_stop(self.flag.is_set())
             if step % self.cfg.checkpoint.every == 0 or step == total or stop:
-                self.save_checkpoint(step)
+                self.save_checkpoint(step, preempted=stop)
             self.maybe_log(step, total)
             if stop:
                 self.log_line(f"preempted: checkpoint at step {step} committed; exiting for a restart")
@@ -205,6 +205,10 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.student, optimizer=optimizer, config=ds_config)
         self.accum = ds_config["gradient_accumulation_steps"]
         self.trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        # What ZeRO-3 really holds on this rank vs the full model (rank 0's numbers go into state.json).
+        params = list(self.engine.module.parameters())
+        self.zero_partition = {"rank_numel": sum(p.ds_tensor.numel() for p in params),
+                               "full_numel": sum(p.ds_numel for p in params), "world_size": self.world_size}
 
     def build_loader(self, data_state: Any):
         """This rank's slice of every planned global batch, continuing exactly from `data_state`."""
@@ -328,7 +332,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int, preempted: bool = False) -> None:
         """All ranks: engine files; rank 0: consolidated trainable + EMA safetensors and state.json; then rank 0
         commits (rename + COMPLETE last + keep-last-k) after a barrier."""
         t0 = time.perf_counter()
@@ -346,14 +350,14 @@ class Trainer:
         if self.rank == 0:
             ckpt.save_tensors(f"{staging}/{ckpt.TRAINABLE}", {**trainable, **self.buffers})
             ckpt.save_tensors(f"{staging}/{ckpt.EMA}", {**ema, **self.buffers})
-            ckpt.write_state(f"{staging}/{ckpt.STATE}", self.state_dict(step))
+            ckpt.write_state(f"{staging}/{ckpt.STATE}", self.state_dict(step, preempted))
         self.barrier()
         if self.rank == 0:
             ckpt.commit_checkpoint(self.run_dir, step, self.cfg.checkpoint.keep)
             self.log_line(f"checkpoint step {step} committed in {time.perf_counter() - t0:.1f}s")
         self.barrier()
 
-    def state_dict(self, step: int) -> dict[str, Any]:
+    def state_dict(self, step: int, preempted: bool) -> dict[str, Any]:
         return {
             "step": step,
             "data": self.loader.state().model_dump(mode="json"),
@@ -364,7 +368,8 @@ class Trainer:
             "wandb_run_id": self.wandb_id,
             "skipped_steps": self.counters.skipped_steps,
             "preemptions": self.counters.preemptions,
-            "preempted": self.flag.is_set(),
+            "preempted": preempted,
+            "zero_partition": self.zero_partition,
             "time": time.time(),
         }
 
