@@ -135,6 +135,7 @@ class SampleSection(_Section):
     width: int = Field(256, gt=0)
     steps: int = Field(32, gt=0)
     guidance: float = Field(4.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs of the sampling Ray task (0: CPU)")
 
     @model_validator(mode="after")
     def _resolution(self) -> SampleSection:

@@ -73,36 +73,10 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = None, weights: str = "ema") -> Path:
-    """Rebuild the pixel model's structure from the checkpoint's own config, then write the adapter directory with
-    the checkpoint's EMA (or trainable) tensors."""
-    import torch
-
-    from asymflow.components import load_base_components
-    from asymflow.convert import convert_transformer
-    from asymflow.export import export_adapter
-    from asymflow.subspace import SubspaceArtifact
-    from asymflow.trainable import apply_trainable
-    from orchestration import checkpoint as ckpt
-    from orchestration.config import RunConfig
-
-    path = ckpt.checkpoint_dir(run_dir, step) if step is not None else ckpt.latest_checkpoint(run_dir)
-    if path is None or step is not None and step not in ckpt.complete_steps(run_dir):
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint{'' if step is None else f' at step {step}'}")
-    state = ckpt.read_state(path)
-    cfg = RunConfig.model_validate(state["config"])
-    artifact = SubspaceArtifact.load(cfg.subspace_path, patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
-    latent = load_base_components(cfg.model, ("transformer",)).transformer
-    model = convert_transformer(latent, artifact.basis, artifact.scale)
-    with torch.random.fork_rng(devices=[]):
-        apply_trainable(model, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
-    tensors = ckpt.load_tensors(f"{path}/{ckpt.EMA if weights == 'ema' else ckpt.TRAINABLE}")
-    target = out or f"{run_dir.rstrip('/')}/export/{ckpt.step_name(int(state['step']))}"
-    return export_adapter(model, target, state_dict=tensors)
-
-
 def _run_export(args: argparse.Namespace) -> int:
     set_process_environment()
+    from orchestration.artifacts import export_checkpoint
+
     try:
         out = export_checkpoint(args.run_dir, args.step, args.out, args.weights)
     except (FileNotFoundError, ValueError) as exc:

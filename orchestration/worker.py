@@ -83,6 +83,7 @@ def _partition_of(full: torch.Tensor, param: torch.nn.Parameter, rank: int) -> t
 class Counters:
     skipped_steps: int = 0
     preemptions: int = 0
+    steps_lost: int = 0
     data_wait_s: float = 0.0
     step_time_s: float = 0.0
     window_steps: int = 0
@@ -103,6 +104,7 @@ class Trainer:
         self.counters = Counters()
         self.wandb_run = None
         self.wandb_id: str | None = None
+        self.sample_tasks: list[Any] = []
 
     # ------------------------------------------------------------------ run
 
@@ -124,6 +126,7 @@ class Trainer:
             if step % self.cfg.checkpoint.every == 0 or step == total or stop:
                 self.save_checkpoint(step, preempted=stop)
             self.maybe_log(step, total)
+            self.maybe_sample(step)
             if stop:
                 self.log_line(f"preempted: checkpoint at step {step} committed; exiting for a restart")
                 raise Preempted(f"preempted at step {step}")
@@ -247,10 +250,25 @@ class Trainer:
         self.wandb_id = restore.state.get("wandb_run_id")
         self.counters.skipped_steps = int(restore.state.get("skipped_steps", 0))
         self.counters.preemptions = int(restore.state.get("preemptions", 0)) + int(bool(restore.state.get("preempted")))
+        self.counters.steps_lost = int(restore.state.get("steps_lost", 0)) + self.steps_done_after(restore.step)
         self.log_line(f"resumed from {restore.path} (step {restore.step}, saved by {saved_world} worker(s))")
         from orchestration.data_plan import DataState
 
         return restore.step, DataState.model_validate(restore.state["data"])
+
+    def steps_done_after(self, step: int) -> int:
+        """Steps trained after the checkpoint we resume from (lost work), read from the keys log when local."""
+        path = os.path.join(ckpt._fs(self.run_dir)[1], KEYS_LOG)
+        if not ckpt.is_local(self.run_dir) or not os.path.exists(path):
+            return 0
+        done = -1
+        with open(path) as f:
+            for line in f:
+                try:
+                    done = max(done, int(json.loads(line)["step"]))
+                except (ValueError, KeyError):
+                    continue  # a line cut by a kill
+        return max(done + 1 - step, 0)
 
     def maybe_convert_universal(self, local_dir: str) -> str:
         """A ZeRO checkpoint refuses another world size: convert it once to DeepSpeed's universal format (rank 0,
@@ -296,8 +314,6 @@ class Trainer:
             if self.negative_embeds is not None:
                 tensors["negative_embeds"] = self.negative_embeds.to(self.device)
             generator = torch.Generator().manual_seed(derive_seed(t.seed, step, self.rank, micro))
-            # Dropout (LoRA) draws from the global RNG: seed it too, so a resumed step redraws the same masks.
-            torch.manual_seed(derive_seed(t.seed, step, self.rank, micro, 1))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.use_gpu):
                 loss, metrics = asymflow_vr_step(self.engine, self.teacher, tensors, generator, self.cfg.objective,
                                                  self.perceptual)
@@ -368,6 +384,7 @@ class Trainer:
             "wandb_run_id": self.wandb_id,
             "skipped_steps": self.counters.skipped_steps,
             "preemptions": self.counters.preemptions,
+            "steps_lost": self.counters.steps_lost,
             "preempted": preempted,
             "zero_partition": self.zero_partition,
             "time": time.time(),
@@ -403,6 +420,7 @@ class Trainer:
             "data_wait_frac": c.data_wait_s / c.step_time_s if c.step_time_s else 0.0,
             "skipped_steps": c.skipped_steps,
             "preemptions": c.preemptions,
+            "steps_lost": c.steps_lost,
         }
         c.data_wait_s = c.step_time_s = 0.0
         c.window_steps = 0
@@ -428,13 +446,31 @@ class Trainer:
     def maybe_export(self, step: int) -> None:
         """The adapter directory from the EMA weights of the final checkpoint (rank 0)."""
         if self.rank == 0 and ckpt.is_local(self.run_dir):
-            from orchestration.train_cli import export_checkpoint
+            from orchestration.artifacts import export_checkpoint
 
             out = export_checkpoint(self.run_dir, step=step)
             self.log_line(f"exported EMA adapter to {out}")
         self.barrier()
 
+    def maybe_sample(self, step: int) -> None:
+        """Every `sample.every` steps (always a checkpoint step), rank 0 starts a Ray task that renders EMA samples
+        from the committed checkpoint into RUN_DIR/samples/step-N; training does not wait for it."""
+        every = self.cfg.sample.every
+        if not every or step % every or self.rank != 0 or not ckpt.is_local(self.run_dir):
+            return
+        import ray
+
+        from orchestration.artifacts import render_samples
+
+        out = os.path.join(ckpt._fs(self.run_dir)[1], "samples", ckpt.step_name(step))
+        task = ray.remote(num_cpus=0, num_gpus=self.cfg.sample.num_gpus)(render_samples)
+        self.sample_tasks.append(task.remote(ckpt.checkpoint_dir(self.run_dir, step), out))
+
     def finish(self) -> None:
+        if self.sample_tasks:
+            import ray
+
+            ray.get(self.sample_tasks)  # the run's last samples exist when `fit()` returns
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

@@ -205,8 +205,10 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(dataset, plain, t
     # SIGTERM: the just-in-time checkpoint lost no step (no step was trained twice).
     lines = [json.loads(x)["step"] for x in (tmp_path / "sigterm" / "keys.jsonl").read_text().splitlines()]
     assert len(lines) == len(set(lines)) == STEPS
-    assert read_state(str(tmp_path / "sigterm" / "checkpoints" / f"step-{STEPS:08d}"))["preemptions"] >= 1
+    final_state = read_state(str(tmp_path / "sigterm" / "checkpoints" / f"step-{STEPS:08d}"))
+    assert final_state["preemptions"] >= 1 and final_state["steps_lost"] == 0
     assert (plain / "export" / f"step-{STEPS:08d}" / "diffusion_pytorch_model.safetensors").exists()
+    assert (plain / "samples" / "step-00000004" / "00.png").exists()
 
 
 def test_checkpoint_interrupted_while_writing_is_ignored(dataset, plain, halfway, tmp_path):
