@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from orchestration import checkpoint as ckpt
-from orchestration.config import RunConfig
+from orchestration.config import RunConfig, local_file
 
 Weights = Literal["ema", "trainable"]
 
@@ -31,7 +31,7 @@ def build_model_from_checkpoint(path: str, weights: Weights = "ema"):
 
     state = ckpt.read_state(path)
     cfg = RunConfig.model_validate(state["config"])
-    artifact = SubspaceArtifact.load(cfg.subspace_path, patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
+    artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
     latent = load_base_components(cfg.model, ("transformer",)).transformer
     model = convert_transformer(latent, artifact.basis, artifact.scale)
     with torch.random.fork_rng(devices=[]):

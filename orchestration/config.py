@@ -117,6 +117,7 @@ class RunSection(_Section):
     max_failures: int = Field(3, ge=-1, description="Ray Train FailureConfig; -1 retries forever")
     ray_address: str | None = Field(None, description="None: start a local Ray on 127.0.0.1")
     ray_num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray instance (None: all)")
+    preemption_poll_every: int = Field(10, ge=0, description="steps between polls of Ray's preemption notice; 0: off")
 
 
 class LogSection(_Section):
@@ -284,31 +285,14 @@ def check_inputs(cfg: RunConfig) -> None:
     if not fs.exists(fs_path):
         raise ConfigError(f"subspace.path: subspace artifact {path} does not exist (run `asymflow prep subspace`)")
     try:
-        if fs.protocol in ("file", ("file", "local")) or isinstance(fs.protocol, tuple) and "file" in fs.protocol:
-            SubspaceArtifact.load(fs_path, patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
-        else:
-            with fsspec.open(path, "rb") as f, _local_copy(f.read()) as local:
-                SubspaceArtifact.load(local, patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
+        SubspaceArtifact.load(local_file(path), patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
     except ValueError as exc:
         raise ConfigError(f"subspace.path: {exc}") from None
 
 
-class _local_copy:
-    """A temporary local file holding `data` (safetensors needs a real path)."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def __enter__(self) -> str:
-        import tempfile
-
-        self.tmp = tempfile.NamedTemporaryFile(suffix=".safetensors")
-        self.tmp.write(self.data)
-        self.tmp.flush()
-        return self.tmp.name
-
-    def __exit__(self, *exc: object) -> None:
-        self.tmp.close()
+def local_file(path: str) -> str:
+    """A local filename for `path` (itself when local; a cached download for a URL): safetensors needs one."""
+    return fsspec.open_local(f"simplecache::{path}") if "://" in path else path
 
 
 def save_resolved(cfg: RunConfig, run_dir: str) -> str:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +96,3 @@ def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> Launc
             import ray
 
             ray.shutdown()
-
-
-def clear_run(run_dir: str) -> None:
-    """Delete a local run directory (tests and --overwrite on local storage)."""
-    shutil.rmtree(run_dir, ignore_errors=True)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from orchestration import checkpoint as ckpt
-from orchestration.config import RunConfig
-from orchestration.preemption import Preempted, PreemptionFlag, agree_to_stop
+from orchestration.config import RunConfig, local_file
+from orchestration.preemption import Preempted, PreemptionFlag, agree_to_stop, maybe_ray_preemption_notice
 
 KEYS_LOG = "keys.jsonl"  # per-step consumed sample keys (rank 0, global batch order): resume tests compare these
 
@@ -122,7 +122,7 @@ class Trainer:
         while step < total:
             self.train_step(step)
             step += 1
-            stop = agree_to_stop(self.flag.is_set())
+            stop = agree_to_stop(self.flag.is_set() or self.maybe_preemption_notice(step))
             if step % self.cfg.checkpoint.every == 0 or step == total or stop:
                 self.save_checkpoint(step, preempted=stop)
             self.maybe_log(step, total)
@@ -133,6 +133,12 @@ class Trainer:
         self.loader.close()
         self.maybe_export(total)
         self.finish()
+
+    def maybe_preemption_notice(self, step: int) -> bool:
+        """Ray's node-preemption notice, polled every `run.preemption_poll_every` steps (it is a Ray collective,
+        so every rank polls at the same steps; polling each step would cost a round trip per step)."""
+        every = self.cfg.run.preemption_poll_every
+        return bool(every) and (step - 1) % every == 0 and maybe_ray_preemption_notice()
 
     # ------------------------------------------------------------------ build
 
@@ -171,11 +177,8 @@ class Trainer:
         from asymflow.trainable import apply_trainable, build_teacher
 
         cfg = self.cfg
-        artifact = SubspaceArtifact.load(
-            cfg.subspace_path,
-            patch_size=cfg.objective.patch_size,
-            rank=cfg.subspace.rank,
-        )
+        artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size,
+                                         rank=cfg.subspace.rank)
         latent = load_base_components(cfg.model, ("transformer",)).transformer
         student = convert_transformer(latent, artifact.basis, artifact.scale)
         del latent

@@ -122,3 +122,16 @@ def _tiny_dataset(out: Path) -> str:
     assert report.exit_code == 0, report.message
     build_cache(str(out), BaseModelConfig(kind="tiny", seed=0), batch_size=2, progress=False)
     return str(out)
+
+
+def test_cli_refuses_a_bad_config_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "train", TINY, "--storage", str(tmp_path), "--set", "train.lr=-1"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "greater than 0" in proc.stderr
+    assert "ray" not in proc.stderr.lower() and not any(tmp_path.iterdir())

@@ -174,9 +174,22 @@ def plain(dataset, ray_cluster, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def halfway(dataset, ray_cluster, tmp_path_factory) -> Path:
-    """A 2-worker run stopped after 2 steps, mid-epoch (its complete checkpoint: 2); tests copy it."""
-    return Path(_run(_config(dataset, tmp_path_factory.mktemp("halfway"), "run", steps=2)).run_dir)
+def halfway_runs(dataset, ray_cluster, tmp_path_factory):
+    """Runs stopped after 2 steps, mid-epoch (complete checkpoint: 2), by worker count; built once, tests copy them."""
+    runs: dict[int, Path] = {}
+
+    def get(workers: int) -> Path:
+        if workers not in runs:
+            storage = tmp_path_factory.mktemp(f"halfway{workers}")
+            runs[workers] = Path(_run(_config(dataset, storage, "run", steps=2, workers=workers)).run_dir)
+        return runs[workers]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def halfway(halfway_runs) -> Path:
+    return halfway_runs(2)
 
 
 def _copy_run(src: Path, storage: Path) -> Path:
@@ -207,6 +220,9 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(dataset, plain, t
     assert len(lines) == len(set(lines)) == STEPS
     final_state = read_state(str(tmp_path / "sigterm" / "checkpoints" / f"step-{STEPS:08d}"))
     assert final_state["preemptions"] >= 1 and final_state["steps_lost"] == 0
+    # The restarted group continued the same (offline) wandb run.
+    wandb_runs = list((tmp_path / "sigterm" / "wandb" / "wandb").glob("offline-run-*"))
+    assert wandb_runs and all(p.name.endswith(final_state["wandb_run_id"]) for p in wandb_runs)
     assert (plain / "export" / f"step-{STEPS:08d}" / "diffusion_pytorch_model.safetensors").exists()
     assert (plain / "samples" / "step-00000004" / "00.png").exists()
 
@@ -234,30 +250,31 @@ def test_checkpoint_interrupted_while_writing_is_ignored(dataset, plain, halfway
     assert steps == [4, STEPS]  # keep-last-2
 
 
-def test_resume_on_one_worker_continues_the_data_order(dataset, plain, halfway, tmp_path):
-    """2 workers → 1 worker through DeepSpeed's universal checkpoint: the data order continues exactly (every sample of
-    epoch 0 once), and ZeRO-3 held about half the parameters per rank at 2 workers."""
-    from orchestration.checkpoint import read_state
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_on_another_worker_count_continues_the_data_order(dataset, plain, halfway_runs, tmp_path, before, after):
+    """2 → 1 and 1 → 2 workers through DeepSpeed's universal checkpoint: the data order continues exactly (every
+    sample of epoch 0 once), and ZeRO-3 holds about half the parameters per rank at 2 workers."""
+    import torch
 
-    run = _copy_run(halfway, tmp_path)
-    two = read_state(str(run / "checkpoints" / "step-00000002"))["zero_partition"]
-    _run(_config(dataset, tmp_path, "run", workers=1))
-    keys = _keys_by_step(run)
-    assert keys == _keys_by_step(plain)
     from data_prep.reader import DatasetIndex
+    from orchestration.checkpoint import read_state
     from orchestration.data_plan import steps_per_epoch
 
+    run = _copy_run(halfway_runs(before), tmp_path)
+    first = read_state(str(run / "checkpoints" / "step-00000002"))["zero_partition"]
+    _run(_config(dataset, tmp_path, "run", workers=after))
+    keys = _keys_by_step(run)
+    assert keys == _keys_by_step(plain)
     index = DatasetIndex.open(dataset)
     per_epoch = steps_per_epoch(index.table, 4)
     assert 2 < per_epoch < STEPS  # the resume is mid-epoch and the run crosses into the next epoch
     epoch_0 = [k for step in range(per_epoch) for k in keys[step]]
     assert len(epoch_0) == len(set(epoch_0)) == 4 * per_epoch
     assert set(epoch_0) <= set(index.table.column("key").to_pylist())
-    one = read_state(str(run / "checkpoints" / f"step-{STEPS:08d}"))["zero_partition"]
-    assert two["world_size"] == 2 and one["world_size"] == 1
+    last = read_state(str(run / "checkpoints" / f"step-{STEPS:08d}"))["zero_partition"]
+    assert (first["world_size"], last["world_size"]) == (before, after)
+    two, one = (first, last) if before == 2 else (last, first)
     assert one["rank_numel"] == one["full_numel"] == two["full_numel"]
     assert abs(two["rank_numel"] - one["rank_numel"] / 2) <= 1000, (two, one)  # padding: < 1 element per tensor
     trainable, ema = _final_tensors(run)
-    import torch
-
     assert all(torch.isfinite(t).all() for t in [*trainable.values(), *ema.values()])
