@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -68,16 +69,18 @@ def read_state(state_dir: str | os.PathLike | None = None) -> dict[str, Any] | N
 
 
 def _ensure_token(env: dict[str, str]) -> None:
-    """Token auth needs a token before the head starts; make one (never printed) if none exists anywhere."""
-    if env.get("RAY_AUTH_MODE", "").lower() != "token":
+    """Token auth needs a token before the head starts: if none exists where Ray looks ($RAY_AUTH_TOKEN,
+    $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token), write a random one there, readable by the owner only. Never
+    printed; clients on this machine find it at the same place."""
+    if env.get("RAY_AUTH_MODE", "").lower() != "token" or env.get("RAY_AUTH_TOKEN"):
         return
-    if env.get("RAY_AUTH_TOKEN") or (env.get("RAY_AUTH_TOKEN_PATH") and Path(env["RAY_AUTH_TOKEN_PATH"]).exists()):
+    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if path.exists():
         return
-    if (Path.home() / ".ray" / "auth_token").exists():
-        return
-    ray_bin = shutil.which("ray", path=env["PATH"]) or "ray"
-    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
 
 
 # ----------------------------------------------------------------------------------------------- processes

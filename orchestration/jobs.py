@@ -220,10 +220,15 @@ def find_live(client: Any, run: str, ledger: Ledger) -> tuple[str, str] | None:
     return None
 
 
-def submit(a: SubmitArgs, address: str, again: bool = False, out=print) -> dict[str, Any]:
-    """Submit (or not) one attempt of the run. Returns {"action": "submitted"|"live"|"done", "submission_id", ...}."""
+def submit(a: SubmitArgs, address: str | None = None, again: bool = False, out=print) -> dict[str, Any]:
+    """Submit (or not) one attempt of the run. Returns {"action": "submitted"|"live"|"done", "submission_id", ...}.
+    Without `address`: the run's last submission address, else `default_address()`."""
     r = resolve(a)
     ledger = Ledger.for_run(r.storage, r.run)
+    last = ledger.last_submission()
+    address = address or (last.get("address") if last else None) or default_address()
+    if address is None:
+        raise ValueError("no --address, no earlier submission of this run and no head from `asymflow cluster up`")
     client = connect(address)
     live = find_live(client, r.run, ledger)
     if live is not None:
@@ -231,7 +236,6 @@ def submit(a: SubmitArgs, address: str, again: bool = False, out=print) -> dict[
         record_state(ledger, sid, state)
         out(f"run {r.run} is already live as job {sid} ({state}); not starting a second copy")
         return {"action": "live", "submission_id": sid, "state": state, "run": r.run}
-    last = ledger.last_submission()
     if last is not None and not again and job_status(client, last["submission_id"]) == "SUCCEEDED":
         record_state(ledger, last["submission_id"], "SUCCEEDED")
         out(f"run {r.run} already succeeded as job {last['submission_id']}; pass --again for a new attempt "
@@ -403,7 +407,7 @@ def list_runs(storage: str | None, address: str | None) -> list[dict[str, Any]]:
         client = connect(address)
         for job in client.list_jobs():
             sid = job.submission_id or ""
-            if parse_submission_id(sid) is None or sid in known:
+            if parse_submission_id(sid) is None or sid in known or (job.metadata or {}).get("asymflow_helper"):
                 continue
             meta = job.metadata or {}
             rows.append({"run": meta.get("asymflow_run", sid), "run_dir": None, "submission_id": sid,
@@ -462,10 +466,6 @@ def signal_workers(client: Any, target_sid: str, timeout_s: float = 120.0) -> li
     if state != "SUCCEEDED" or not m:
         raise RuntimeError(f"could not signal the workers of {target_sid} (helper job {helper} {state}): "
                            f"{logs[-1000:]}")
-    try:
-        client.delete_job(helper)
-    except Exception:  # deleting the helper's record is cosmetic
-        pass
     return json.loads(m.group(1))
 
 
@@ -554,7 +554,8 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
                        description="Submit CONFIG as Ray job asymflow-RUN-N. A live job of the same run is never "
                        "duplicated; a failed/stopped one gets a new attempt that resumes from the latest checkpoint.")
     p.add_argument("config", metavar="CONFIG", help="run config YAML (inside the repo: sent relative to it)")
-    p.add_argument("--address", help="job server http://HOST:PORT [$RAY_API_SERVER_ADDRESS, else `cluster up`'s]")
+    p.add_argument("--address", help="job server http://HOST:PORT [the run's last one, else $RAY_API_SERVER_ADDRESS, "
+                   "else `cluster up`'s head]")
     p.add_argument("--name", help="run name (run.name)")
     p.add_argument("--storage", help="storage root (run.storage); local paths are made absolute")
     p.add_argument("--data", help="dataset directory or URL (data.path)")
@@ -613,16 +614,13 @@ def _error(exc: BaseException) -> int:
 def _run_submit(args: argparse.Namespace) -> int:
     from orchestration.config import ConfigError
 
-    address = args.address or default_address()
-    if address is None:
-        return _error(ValueError("no --address and no head from `asymflow cluster up`"))
     a = SubmitArgs(config=args.config, name=args.name, storage=args.storage, data=args.data, steps=args.steps,
                    workers=args.workers, overrides=args.overrides, prep=args.prep,
                    prep_resolution=args.prep_resolution, working_dir=None if args.no_working_dir else str(REPO_ROOT),
                    stop_grace_s=args.stop_grace, requirements=args.requirements)
     try:
-        submit(a, address, again=args.again)
-    except ConfigError as exc:
+        submit(a, args.address, again=args.again)
+    except (ConfigError, ValueError) as exc:
         return _error(exc)
     except (RuntimeError, ConnectionError, OSError) as exc:
         return _error(RuntimeError(str(exc)))
