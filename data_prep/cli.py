@@ -42,7 +42,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="W", help="local worker processes (default: all cores)")
     p.add_argument("--format", dest="image_format", choices=("png", "jpg", "webp"), default="png", help="stored image encoding (default png: lossless)")
     p.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default 95; jpg is always 4:4:4; webp 100 = lossless)")
-    p.add_argument("--png-compress-level", type=int, default=3, choices=range(10), metavar="0-9", help="zlib level for png (default 3)")
+    p.add_argument("--png-compress-level", type=int, default=1, choices=range(10), metavar="0-9", help="zlib level for png, written with the run-length strategy (default 1)")
     p.add_argument("--min-side", type=int, default=64, help="skip images whose shorter side is below this (default 64)")
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="decompression-bomb limit: skip images claiming more pixels (default 1e8)")
     p.add_argument("--upscale", action="store_true", help="upscale images smaller than their bucket (default: skip them as too_small)")

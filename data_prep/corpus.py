@@ -149,20 +149,25 @@ def build_messy_corpus(root: str | os.PathLike) -> dict[str, str | None]:
     return expect
 
 
-def build_large_corpus(root: str | os.PathLike, count: int = 16, long_side: int = 2560) -> list[Path]:
-    """`count` large photos (skimage photos Lanczos-upscaled to `long_side`), alternating JPEG q95 and PNG; cached by parameters."""
+def build_large_corpus(root: str | os.PathLike, count: int = 16, long_side: int = 2560, png_every: int = 2) -> list[Path]:
+    """`count` large photos (skimage photos Lanczos-upscaled to `long_side`): every `png_every`-th a PNG, the rest JPEG q95; cached by parameters."""
     root = Path(root)
     stamp = root / "corpus.json"
-    params = {"count": count, "long_side": long_side, "version": 1}
-    files = [root / f"large_{i:03d}.{'jpg' if i % 2 == 0 else 'png'}" for i in range(count)]
+    params = {"count": count, "long_side": long_side, "png_every": png_every, "version": 2}
+    files = [root / f"large_{i:03d}.{'png' if i % png_every == png_every - 1 else 'jpg'}" for i in range(count)]
     if stamp.exists() and json.loads(stamp.read_text()) == params and all(f.exists() for f in files):
         return files
     root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("large_*"):  # files of other parameters would become inputs too
+        old.unlink()
     names = RGB_PHOTOS + ("stereo_motorcycle",)
     for i, f in enumerate(files):
         im = Image.fromarray(photo(names[i % len(names)]))
-        if (i // len(names)) % 2:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # distinct bytes, so no duplicate skips
+        variant = i // len(names)
+        # Distinct pixels per variant (mirror + a shifted crop), so no input is an exact duplicate of another.
+        if variant % 2:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = im.crop((variant, variant, im.width, im.height))
         s = long_side / max(im.size)
         im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.LANCZOS)
         if f.suffix == ".jpg":

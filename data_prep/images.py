@@ -2,8 +2,10 @@
 
 Defaults, and why:
 - Stored images are lossless PNG by default: the pixel model is trained to reproduce fine detail, so the
-  targets must not contain JPEG blocking/ringing the model would learn as "detail". PNG at zlib level 3 is
-  within a few percent of level 6 in size and ~2x faster to write. `--format jpg` stores JPEG at quality 95
+  targets must not contain JPEG blocking/ringing the model would learn as "detail". PNG is written with
+  zlib's run-length strategy (Z_RLE): on filtered photographs it is as small as Pillow's default level 6
+  (measured on the bench corpus: 1250 vs 1277 kB per 1024² image) and 3-4x faster, because the expensive
+  part of deflate, the match search, buys nothing after PNG's Paeth/adaptive row filters. `--format jpg` stores JPEG at quality 95
   with 4:4:4 chroma (no chroma subsampling: colour edges stay sharp), ~4x smaller; `--format webp` stores
   lossy WebP at `--quality` (lossless at 100).
 - Buckets: one bucket per aspect ratio in DEFAULT_ASPECT_RATIOS (1:2 … 2:1), each with area ≈ N² and sides
@@ -22,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,7 +102,7 @@ class ImageSpec:
     buckets: tuple[tuple[int, int], ...]
     format: ImageFormat = "png"
     quality: int = 95  # jpg / webp
-    png_compress_level: int = 3
+    png_compress_level: int = 1  # with Z_RLE the level hardly changes size; 1 is the fastest
     min_side: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
     upscale: bool = False
@@ -193,11 +196,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         raise SkipImage("unsupported", f"cannot convert mode {im.mode} to RGB: {e}") from None
 
 
-def encode(im: Image.Image, fmt: ImageFormat, quality: int = 95, png_compress_level: int = 3) -> bytes:
+def encode(im: Image.Image, fmt: ImageFormat, quality: int = 95, png_compress_level: int = 1) -> bytes:
     """Encode an RGB image; output bytes depend only on pixels and settings (no timestamps)."""
     buf = io.BytesIO()
     if fmt == "png":
-        im.save(buf, "PNG", compress_level=png_compress_level)
+        im.save(buf, "PNG", compress_level=png_compress_level, compress_type=zlib.Z_RLE)
     elif fmt == "jpg":
         im.save(buf, "JPEG", quality=quality, subsampling=0)
     elif fmt == "webp":

@@ -214,6 +214,7 @@ def run_local(tasks: list[ChunkTask], workers: int, progress: Progress) -> Itera
 
     # forkserver: workers do not inherit the driver's threads (tqdm monitor) or an imported torch.
     ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["data_prep.shards"])  # workers fork with PIL/numpy/fsspec already imported
     counter = ctx.Value("q", 0)
     shown = 0
     with ctx.Pool(workers, initializer=_worker_init, initargs=(counter,)) as pool:
