@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,7 +88,6 @@ class Counters:
     data_wait_s: float = 0.0
     step_time_s: float = 0.0
     window_steps: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -233,6 +233,7 @@ class Trainer:
     def restore(self, restore: ckpt.Restored | None) -> tuple[int, Any]:
         """Engine (optimizer included), EMA and data state from the latest complete checkpoint; or a fresh EMA."""
         from asymflow.ema import EMA
+        from orchestration.data_plan import DataState
 
         local = {name: self._local_fp32(p).clone() for name, p in self.trainable}
         self.ema = EMA(local, start_iter=self.cfg.ema.start_iter, gamma=self.cfg.ema.gamma)
@@ -255,8 +256,6 @@ class Trainer:
         self.counters.preemptions = int(restore.state.get("preemptions", 0)) + int(bool(restore.state.get("preempted")))
         self.counters.steps_lost = int(restore.state.get("steps_lost", 0)) + self.steps_done_after(restore.step)
         self.log_line(f"resumed from {restore.path} (step {restore.step}, saved by {saved_world} worker(s))")
-        from orchestration.data_plan import DataState
-
         return restore.step, DataState.model_validate(restore.state["data"])
 
     def steps_done_after(self, step: int) -> int:
@@ -275,10 +274,12 @@ class Trainer:
 
     def maybe_convert_universal(self, local_dir: str) -> str:
         """A ZeRO checkpoint refuses another world size: convert it once to DeepSpeed's universal format (rank 0,
-        a subprocess of DeepSpeed's own converter), then every rank loads that."""
+        a subprocess of DeepSpeed's own converter), then every rank loads that. With remote storage every node has
+        its own downloaded copy, so each node's local rank 0 converts it."""
         tag = ckpt.UNIVERSAL
         target = os.path.join(local_dir, tag)
-        if self.rank == 0 and not os.path.exists(os.path.join(target, "COMPLETE")):
+        converter = self.rank == 0 if ckpt.is_local(self.run_dir) else self.local_rank == 0
+        if converter and not os.path.exists(os.path.join(target, "COMPLETE")):
             staging = target + ".staging"
             subprocess.run(
                 [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
@@ -287,8 +288,6 @@ class Trainer:
                 check=True,
             )
             if os.path.exists(target):
-                import shutil
-
                 shutil.rmtree(target)
             os.rename(staging, target)
             open(os.path.join(target, "COMPLETE"), "w").close()
