@@ -176,6 +176,10 @@ def cluster_up(port: int | None = None, dashboard_port: int | None = None, host:
         cmd += [f"--{name}", str(value)]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
+    # Processes of this head (job drivers, Ray Train's controller and its PlacementGroupCleaner, which queries the
+    # state API without an address) resolve "auto" to this head, not to "multiple active Ray instances" when other
+    # heads share the machine.
+    env["RAY_ADDRESS"] = f"{bind}:{port}"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     state = {
         "gcs_address": f"{bind}:{port}",

@@ -89,7 +89,8 @@ def job_status(client: Any, sid: str) -> str | None:
 
 def run_jobs_on_cluster(client: Any, run: str) -> dict[str, Any]:
     """submission id → JobDetails of this run's jobs the cluster knows about."""
-    return {j.submission_id: j for j in client.list_jobs() if j.submission_id and parse_submission_id(j.submission_id, run)}
+    return {j.submission_id: j for j in client.list_jobs()
+            if j.submission_id and parse_submission_id(j.submission_id, run)}
 
 
 # ----------------------------------------------------------------------------------------------- submission

@@ -96,7 +96,8 @@ def test_entrypoint_and_runtime_env(tmp_path):
 def test_progress_from_logs():
     from orchestration.jobs import progress_from_logs
 
-    logs = ("(RayTrainWorker pid=1) [asymflow] resumed from /r/checkpoints/step-00000004 (step 4, saved by 2 worker(s))\n"
+    logs = ("(RayTrainWorker pid=1) [asymflow] resumed from /r/checkpoints/step-00000004 (step 4, saved by 2 "
+            "worker(s))\n"
             "(RayTrainWorker pid=1) [asymflow] step 5/8 loss 1.0 gn 2 lr 0.001 3.5 samples/s data-wait 1% skipped 0 "
             "eta 0.5 min\n(RayTrainWorker pid=1) [asymflow] preempted: checkpoint at step 6 committed; exiting\n")
     facts = progress_from_logs(logs)
@@ -284,7 +285,7 @@ def test_live_run_is_not_duplicated_crash_resumes_stop_checkpoints_and_resumes(h
     assert info["last_checkpoint"] == STEPS_B and info["resumed_from"][0] == stopped_at
     if len(set(info["resumed_from"])) > 1:  # the worker group restarted inside attempt 3 (training side)
         logs = cli.logs("b")
-        at = logs.find("resumed from", logs.find("resumed from") + 1)
+        at = logs.find(f"(step {sorted(set(info['resumed_from']))[1]},")
         warnings.warn(f"attempt 3 resumed more than once {info['resumed_from']}:\n{logs[max(0, at - 4000):at + 300]}")
     assert _jobs_of(address, cli.env, "b") == ["asymflow-b-1", "asymflow-b-2", "asymflow-b-3"]
     assert "resumed from" not in cli.logs("b", "--attempt", "1")
