@@ -19,6 +19,7 @@ from orchestration.config import RunConfig, local_file
 from orchestration.preemption import Preempted, PreemptionFlag, agree_to_stop, maybe_ray_preemption_notice
 
 KEYS_LOG = "keys.jsonl"  # per-step consumed sample keys (rank 0, global batch order): resume tests compare these
+METRICS_LOG = "metrics.jsonl"  # one line per logged step (rank 0): loss curve, `asymflow status` progress and ETA
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -435,6 +436,11 @@ class Trainer:
             self.wandb_run.log(metrics, step=step)
         done = step - self.step_start
         eta = (time.time() - self.t_start) / max(done, 1) * (total - step)
+        if ckpt.is_local(self.run_dir):
+            record = {"step": step, "total_steps": total, "time": time.time(), "eta_s": eta,
+                      **{k: float(v) for k, v in metrics.items()}}
+            with open(os.path.join(ckpt._fs(self.run_dir)[1], METRICS_LOG), "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.log_line(
             f"step {step}/{total} loss {metrics.get('loss', float('nan')):.4f} gn {metrics['grad_norm']:.3g} "
             f"lr {metrics['lr']:.3g} {metrics['samples_per_s']:.1f} samples/s data-wait "
