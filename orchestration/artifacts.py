@@ -22,26 +22,32 @@ def resolve_checkpoint(run_dir: str, step: int | None = None) -> str:
 
 
 def build_model_from_checkpoint(path: str, weights: Weights = "ema"):
-    """(pixel model with the checkpoint's EMA or trainable tensors loaded, its RunConfig, its state). The structure
-    is rebuilt from the checkpoint's own resolved config: base transformer + subspace → convert → trainable set."""
+    """(pixel model with the checkpoint's EMA or trainable tensors loaded, its RunConfig, its state)."""
+    state = ckpt.read_state(path)
+    tensors = ckpt.load_tensors(f"{path}/{ckpt.EMA if weights == 'ema' else ckpt.TRAINABLE}")
+    model, cfg = build_model_from_state(state, tensors)
+    return model, cfg, state
+
+
+def build_model_from_state(state: dict, tensors: dict[str, torch.Tensor]):
+    """(pixel model, RunConfig). The structure is rebuilt from the checkpoint's own resolved config:
+    base transformer + subspace → convert → trainable set; then the given tensors are loaded."""
     from asymflow.components import load_base_components
     from asymflow.convert import convert_transformer
     from asymflow.subspace import SubspaceArtifact
     from asymflow.trainable import apply_trainable
 
-    state = ckpt.read_state(path)
     cfg = RunConfig.model_validate(state["config"])
     artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
     latent = load_base_components(cfg.model, ("transformer",)).transformer
     model = convert_transformer(latent, artifact.basis, artifact.scale)
     with torch.random.fork_rng(devices=[]):
         apply_trainable(model, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
-    tensors = ckpt.load_tensors(f"{path}/{ckpt.EMA if weights == 'ema' else ckpt.TRAINABLE}")
     missing = set(tensors) - set(model.state_dict())
     if missing:
         raise ValueError(f"checkpoint tensors do not fit the rebuilt model: {sorted(missing)[:5]}")
     model.load_state_dict(tensors, strict=False)
-    return model.eval(), cfg, state
+    return model.eval(), cfg
 
 
 def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = None, weights: Weights = "ema") -> Path:
@@ -54,16 +60,17 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
     return export_adapter(model, target, state_dict=model.state_dict())
 
 
-def render_samples(path: str, out_dir: str) -> list[str]:
-    """PNG samples of `sample.prompts` from a checkpoint's EMA weights (run as a separate Ray task: it reads the
-    consolidated checkpoint, so the ZeRO-3 workers never gather for it and cannot deadlock)."""
+def render_samples(state: dict, ema: dict[str, torch.Tensor], out_dir: str) -> list[str]:
+    """PNG samples of `sample.prompts` from a checkpoint's consolidated EMA weights (run as a separate Ray task, so
+    the ZeRO-3 workers never gather for it and cannot deadlock). The caller passes the checkpoint's state and EMA
+    tensors by value: keep-last-k may delete the checkpoint directory before the task runs."""
     from PIL import Image
 
     from asymflow.components import load_base_components
     from asymflow.pipeline import sample_images
     from asymflow.text import encode_prompts
 
-    model, cfg, _ = build_model_from_checkpoint(path, "ema")
+    model, cfg = build_model_from_state(state, ema)
     s, m = cfg.sample, cfg.model
     parts = load_base_components(m, ("text_encoder", "tokenizer"))
     with torch.no_grad():

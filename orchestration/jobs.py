@@ -281,17 +281,25 @@ def latest_checkpoint_step(run_dir: str) -> int | None:
 
 
 def read_progress(run_dir: str) -> dict[str, Any] | None:
-    """`RUN_DIR/progress.json` ({step, total, samples_per_s, eta_s, time}) if the trainer writes one."""
+    """The last line of `RUN_DIR/metrics.jsonl` (rank 0 writes one per logged step) as
+    {step, total, samples_per_s, eta_s, time}; None when the run has logged nothing yet."""
     import fsspec
 
     try:
-        fs, p = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/progress.json")
+        fs, p = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/metrics.jsonl")
         if not fs.exists(p):
             return None
         with fs.open(p, "rb") as f:
-            data = json.loads(f.read())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+            lines = [line for line in f.read().decode().splitlines() if line.strip()]
+        for line in reversed(lines):  # a line being appended right now may be torn
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            return {"step": rec.get("step"), "total": rec.get("total_steps"), "samples_per_s": rec.get("samples_per_s"),
+                    "eta_s": rec.get("eta_s"), "time": rec.get("time")}
+        return None
+    except OSError:
         return None
 
 

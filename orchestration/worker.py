@@ -471,8 +471,11 @@ class Trainer:
         from orchestration.artifacts import render_samples
 
         out = os.path.join(ckpt._fs(self.run_dir)[1], "samples", ckpt.step_name(step))
+        path = ckpt.checkpoint_dir(self.run_dir, step)
+        # read now, pass by value: keep-last-k may delete this checkpoint before the task starts
+        state, ema = ckpt.read_state(path), ckpt.load_tensors(f"{path}/{ckpt.EMA}")
         task = ray.remote(num_cpus=0, num_gpus=self.cfg.sample.num_gpus)(render_samples)
-        self.sample_tasks.append(task.remote(ckpt.checkpoint_dir(self.run_dir, step), out))
+        self.sample_tasks.append(task.remote(state, ema, out))
 
     def finish(self) -> None:
         if self.sample_tasks:

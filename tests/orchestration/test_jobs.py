@@ -328,3 +328,16 @@ def test_cluster_down_leaves_nothing(head):
     for rec in state["pids"]:
         assert not psutil.pid_exists(rec["pid"]) or psutil.Process(rec["pid"]).create_time() != rec["create_time"]
     assert not (head["home"] / "cluster.json").exists() and not Path(state["temp_dir"]).exists()
+
+
+def test_read_progress_takes_last_complete_metrics_line(tmp_path):
+    from orchestration.jobs import read_progress
+
+    assert read_progress(str(tmp_path)) is None
+    lines = [
+        {"step": 1, "total_steps": 10, "samples_per_s": 2.0, "eta_s": 90.0, "time": 1.0},
+        {"step": 2, "total_steps": 10, "samples_per_s": 4.0, "eta_s": 40.0, "time": 2.0},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "tot'  # torn line being appended
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert read_progress(str(tmp_path)) == {"step": 2, "total": 10, "samples_per_s": 4.0, "eta_s": 40.0, "time": 2.0}
