@@ -101,7 +101,7 @@ def plot_loss(run_dir: Path, out: Path) -> list[dict]:
     return [by_step[s] for s in steps]
 
 
-def render_samples(adapter: Path, data: Path, out: Path, size: int, steps: int) -> None:
+def render_samples(config: Path, adapter: Path, data: Path, out: Path, size: int, steps: int) -> None:
     """samples.png: per caption, the converted model at initialisation (left) and the exported EMA model (right)."""
     import numpy as np
     import torch
@@ -115,7 +115,7 @@ def render_samples(adapter: Path, data: Path, out: Path, size: int, steps: int) 
     from asymflow.subspace import SubspaceArtifact
     from data_prep.run_config import load_model_config
 
-    cfg: BaseModelConfig = load_model_config(TINY_CONFIG)
+    cfg: BaseModelConfig = load_model_config(config)
     parts = load_base_components(cfg)
     artifact = SubspaceArtifact.load(data / "subspace.safetensors", patch_size=16)
     models = {
@@ -154,9 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     corpus, data, storage, log = out / "corpus", out / "data", out / "runs", out / "demo.log"
     run_dir = storage / "demo"
     config = str(TINY_CONFIG)
-    extra: list[str] = []
-    if args.base_model:
-        extra = ["--set", "model.kind=diffusers", "--set", f"model.path={args.base_model}"]
+    if args.base_model:  # same stages, the real model: a copy of the tiny config with its `model:` section replaced
+        import yaml
+
+        doc = yaml.safe_load(TINY_CONFIG.read_text())
+        doc["model"] = {"kind": "diffusers", "path": str(Path(args.base_model).resolve()),
+                        "text_hidden_layers": [9, 18, 27], "max_sequence_length": 512, "dtype": "bfloat16"}
+        config = str(out / "config.yaml")
+        Path(config).write_text(yaml.safe_dump(doc, sort_keys=False))
     print("asymflow demo: the default base model is a TINY, RANDOMLY INITIALISED FLUX.2-klein-shaped transformer "
           "(with a tiny VAE and text encoder) built in code — the images show the mechanics, not quality.\n", flush=True)
 
@@ -190,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     preempt_at = args.preempt_at if args.preempt_at is not None else max(1, args.steps // 2)
     with stage("train"):
         train_args = ["train", config, "--data", str(data), "--storage", str(storage), "--name", "demo",
-                      "--steps", str(args.steps), "--workers", str(args.workers), *extra]
+                      "--steps", str(args.steps), "--workers", str(args.workers)]
         preemption = train_with_preemption(train_args, run_dir, preempt_at, log)
     with stage("export"):
         adapter = out / "adapter"
         asymflow("export", str(run_dir), "--out", str(adapter))
     with stage("samples"):
-        render_samples(adapter, data, out / "samples.png", size=args.resolution, steps=args.sample_steps)
+        render_samples(Path(config), adapter, data, out / "samples.png", size=args.resolution, steps=args.sample_steps)
     metrics = plot_loss(run_dir, out / "loss.png")
     state = json.loads((Path(sorted((run_dir / "checkpoints").glob("step-*"))[-1]) / "state.json").read_text())
     summary = {
