@@ -97,6 +97,20 @@ def _check_tokens(basis: torch.Tensor, **tokens: torch.Tensor) -> None:
         raise ValueError(f"basis shape {tuple(basis.shape)} does not match token dim D={first[2]}")
 
 
+def _recovery_inputs(u_a, x_t, sigma, basis, scale, validate: bool):
+    """Shared prologue of the recovery functions: optional checks, casts to the algebra dtype, σ as [B,1,1], s, k."""
+    if validate:
+        _check_tokens(basis, u_a=u_a, x_t=x_t)
+        check_finite(u_a=u_a, x_t=x_t, sigma=sigma, scale=scale)
+        check_basis(basis)
+    dtype = algebra_dtype(u_a, x_t, basis)
+    u_a, x_t, basis = u_a.to(dtype), x_t.to(dtype), basis.to(dtype)
+    sig = _per_sample(sigma, x_t.shape[0], dtype, x_t.device)
+    s = as_scale(scale, dtype, x_t.device)
+    k = 1.0 / (s + (1.0 - s) * sig)
+    return u_a, x_t, basis, sig, s, k
+
+
 def recover_velocity(
     u_a: torch.Tensor,
     x_t: torch.Tensor,
@@ -115,15 +129,7 @@ def recover_velocity(
     `validate=False` skips the finiteness/orthonormality checks (used inside the model's forward,
     where a non-finite network output must reach the trainer's skip logic instead of raising).
     """
-    if validate:
-        _check_tokens(basis, u_a=u_a, x_t=x_t)
-        check_finite(u_a=u_a, x_t=x_t, sigma=sigma, scale=scale)
-        check_basis(basis)
-    dtype = algebra_dtype(u_a, x_t, basis)
-    u_a, x_t, basis = u_a.to(dtype), x_t.to(dtype), basis.to(dtype)
-    sig = _per_sample(sigma, x_t.shape[0], dtype, x_t.device)
-    s = as_scale(scale, dtype, x_t.device)
-    k = 1.0 / (s + (1.0 - s) * sig)
+    u_a, x_t, basis, sig, s, k = _recovery_inputs(u_a, x_t, sigma, basis, scale, validate)
     sigma_c = sig.clamp_min(sigma_min)
     u_a_sub = project(u_a, basis)
     x_t_sub = project(x_t, basis)
@@ -144,15 +150,7 @@ def recover_x0(
 
     Equals x_t − σ·recover_velocity(...) whenever σ ≥ σ_min.
     """
-    if validate:
-        _check_tokens(basis, u_a=u_a, x_t=x_t)
-        check_finite(u_a=u_a, x_t=x_t, sigma=sigma, scale=scale)
-        check_basis(basis)
-    dtype = algebra_dtype(u_a, x_t, basis)
-    u_a, x_t, basis = u_a.to(dtype), x_t.to(dtype), basis.to(dtype)
-    sig = _per_sample(sigma, x_t.shape[0], dtype, x_t.device)
-    s = as_scale(scale, dtype, x_t.device)
-    k = 1.0 / (s + (1.0 - s) * sig)
+    u_a, x_t, basis, sig, s, k = _recovery_inputs(u_a, x_t, sigma, basis, scale, validate)
     u_a_sub = project(u_a, basis)
     return s * k * project(x_t - sig * u_a, basis) - s * (u_a - u_a_sub)
 
