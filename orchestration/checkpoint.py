@@ -1,4 +1,10 @@
-"""Checkpoint layout on local or fsspec storage: staging name, `COMPLETE` marker written last, latest, keep-last-k."""
+"""Checkpoint layout on local or fsspec storage: staging name, `COMPLETE` marker written last, latest, keep-last-k.
+
+Local storage writes under `.staging-step-N` and renames. Object stores (s3://, gs://, memory://) have no atomic
+rename (a "move" is a copy per object), so there every file goes straight into `step-N/` and the single `COMPLETE`
+object, written after everything else, is the commit: a listing never treats a step without it as complete.
+Uploads are retried with exponential backoff and fail with `StorageError` after the budget.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +12,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +50,43 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
 
 
 def staging_dir(run_dir: str, step: int) -> str:
-    """Where a checkpoint is written before it is committed; never read by `latest_checkpoint`."""
+    """Where a checkpoint is written before it is committed; never read by `latest_checkpoint` before `COMPLETE`.
+    Object stores: the final directory itself (no rename there; the `COMPLETE` object alone commits)."""
+    if not is_local(run_dir):
+        return checkpoint_dir(run_dir, step)
     return _join(checkpoints_root(run_dir), _STAGING_PREFIX + step_name(step))
+
+
+class StorageError(RuntimeError):
+    """A storage operation still failing after the retry budget (the message names the path, never credentials)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`attempts` tries with exponential backoff `backoff_s · 2^i`, capped at `max_backoff_s`."""
+
+    attempts: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def with_retries(fn: Callable[[], Any], what: str, policy: RetryPolicy = DEFAULT_RETRY) -> Any:
+    """Run `fn`, retrying transient failures (OSError and the S3 client's errors) with exponential backoff."""
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError):
+            raise  # not transient: retrying cannot help
+        except Exception as exc:  # noqa: BLE001  (s3fs/botocore raise several unrelated classes)
+            if attempt == policy.attempts - 1:
+                raise StorageError(
+                    f"{what} failed after {policy.attempts} attempts ({type(exc).__name__}: {exc}); "
+                    "check the storage URL, the endpoint and that credentials are set in the environment"
+                ) from exc
+            time.sleep(min(policy.backoff_s * 2**attempt, policy.max_backoff_s))
 
 
 def is_local(path: str) -> bool:
@@ -105,34 +148,59 @@ def apply_keep_last(run_dir: str, keep: int) -> list[int]:
     return dropped
 
 
-def local_engine_dir(run_dir: str, step: int) -> str:
+def local_engine_dir(run_dir: str, step: int, rank: int | None = None) -> str:
     """Local directory DeepSpeed writes the engine files into (DeepSpeed only writes local paths).
 
-    Local storage: the staging directory itself. Remote storage: a temporary local directory whose files
-    `commit_checkpoint` uploads; on multi-node clusters each node uploads what its ranks wrote.
+    Local storage: the staging directory itself. Remote storage: a temporary local directory per rank (ranks may
+    sit on different nodes), whose files that rank uploads with `upload_engine_files` before the commit.
     """
     if is_local(run_dir):
         return _fs(staging_dir(run_dir, step))[1]
-    return os.path.join(tempfile.gettempdir(), "asymflow-staging", run_dir.replace("://", "_").replace("/", "_"), step_name(step))
+    base = os.path.join(tempfile.gettempdir(), "asymflow-staging", run_dir.replace("://", "_").replace("/", "_"),
+                        step_name(step))
+    return base if rank is None else os.path.join(base, f"rank-{rank}")
+
+
+def upload_engine_files(run_dir: str, step: int, rank: int, policy: RetryPolicy = DEFAULT_RETRY) -> int:
+    """Remote storage: upload the engine files this rank wrote into the checkpoint (each file retried with
+    backoff), then delete the local copy. No-op on local storage. Returns the number of files uploaded."""
+    if is_local(run_dir):
+        return 0
+    local = local_engine_dir(run_dir, step, rank)
+    fs, target = _fs(staging_dir(run_dir, step))
+    count = 0
+    for root, _, files in os.walk(local):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            dst = _join(target, os.path.relpath(src, local).replace(os.sep, "/"))
+            with_retries(lambda: fs.put_file(src, dst), f"upload of checkpoint file {dst}", policy)
+            count += 1
+    shutil.rmtree(local, ignore_errors=True)
+    return count
 
 
 def begin_checkpoint(run_dir: str, step: int) -> str:
     """Create an empty staging directory for `step` (rank 0, before any rank writes); returns its path."""
     fs, path = _fs(staging_dir(run_dir, step))
     if fs.exists(path):
+        if fs.exists(_join(path, COMPLETE)):  # object stores write in place: un-commit before deleting
+            fs.rm(_join(path, COMPLETE))
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
-    local = local_engine_dir(run_dir, step)
     if not is_local(run_dir):
-        shutil.rmtree(local, ignore_errors=True)
-        os.makedirs(local, exist_ok=True)
+        shutil.rmtree(local_engine_dir(run_dir, step), ignore_errors=True)
     return staging_dir(run_dir, step)
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+    """One object/file, retried with backoff (a failed attempt is simply rewritten whole)."""
     fs, p = _fs(path)
-    with fs.open(p, "wb") as f:
-        f.write(data)
+
+    def write() -> None:
+        with fs.open(p, "wb") as f:
+            f.write(data)
+
+    with_retries(write, f"write of {path}", policy)
 
 
 def read_bytes(path: str) -> bytes:
@@ -159,18 +227,18 @@ def read_state(checkpoint: str) -> dict[str, Any]:
     return json.loads(read_bytes(_join(checkpoint, STATE)))
 
 
-def commit_checkpoint(run_dir: str, step: int, keep: int) -> str:
-    """Rank 0, after every rank finished writing: upload (remote), rename staging → step-N, write `COMPLETE`
-    last, then drop old checkpoints. A crash at any point leaves at worst a partial checkpoint that is ignored."""
+def commit_checkpoint(run_dir: str, step: int, keep: int, policy: RetryPolicy = DEFAULT_RETRY) -> str:
+    """Rank 0, after every rank finished writing (and, remote, uploading): local storage renames staging → step-N;
+    then `COMPLETE` is written last and old checkpoints are dropped. A crash at any point leaves at worst a partial
+    checkpoint that is ignored."""
     final = checkpoint_dir(run_dir, step)
     fs, final_path = _fs(final)
-    _, staging_path = _fs(staging_dir(run_dir, step))
-    if not is_local(run_dir):
-        fs.put(local_engine_dir(run_dir, step) + "/", staging_path + "/", recursive=True)
-    if fs.exists(final_path):  # a partial leftover from an interrupted attempt at the same step
-        fs.rm(final_path, recursive=True)
-    fs.mv(staging_path, final_path, recursive=True)
-    write_bytes(_join(final, COMPLETE), b"")
+    if is_local(run_dir):
+        _, staging_path = _fs(staging_dir(run_dir, step))
+        if fs.exists(final_path):  # a partial leftover from an interrupted attempt at the same step
+            fs.rm(final_path, recursive=True)
+        fs.mv(staging_path, final_path, recursive=True)
+    write_bytes(_join(final, COMPLETE), b"", policy)
     apply_keep_last(run_dir, keep)
     if not is_local(run_dir):
         shutil.rmtree(local_engine_dir(run_dir, step), ignore_errors=True)
@@ -184,8 +252,19 @@ def local_checkpoint_copy(checkpoint: str) -> str:
     fs, path = _fs(checkpoint)
     local = os.path.join(tempfile.gettempdir(), "asymflow-restore", checkpoint.replace("://", "_").replace("/", "_"))
     if not os.path.exists(os.path.join(local, COMPLETE)):
-        shutil.rmtree(local, ignore_errors=True)
-        fs.get(path + "/", local + "/", recursive=True)
+        # Several ranks (and several Ray nodes sharing one /tmp) may download at once: each into its own folder,
+        # then one atomic rename wins; a folder without COMPLETE is a torn download of an older attempt.
+        if os.path.exists(local):
+            shutil.rmtree(local, ignore_errors=True)
+        part = f"{local}.part-{os.getpid()}"
+        shutil.rmtree(part, ignore_errors=True)
+        with_retries(lambda: fs.get(path + "/", part + "/", recursive=True), f"download of {checkpoint}")
+        if not os.path.exists(os.path.join(part, COMPLETE)):
+            raise StorageError(f"download of {checkpoint} has no {COMPLETE} marker")
+        try:
+            os.rename(part, local)
+        except OSError:  # another process on this machine renamed its copy first
+            shutil.rmtree(part, ignore_errors=True)
     return local
 
 

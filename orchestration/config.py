@@ -107,6 +107,8 @@ class EMASection(_Section):
 class CheckpointSection(_Section):
     every: int = Field(500, gt=0, description="checkpoint every N steps (and always at the end)")
     keep: int = Field(3, ge=2, description="keep the last k complete checkpoints (k ≥ 2)")
+    upload_retries: int = Field(5, ge=1, description="tries per object-storage write before the run fails")
+    upload_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per try, capped at 30 s")
 
 
 class RunSection(_Section):
@@ -118,6 +120,12 @@ class RunSection(_Section):
     ray_address: str | None = Field(None, description="None: start a local Ray on 127.0.0.1")
     ray_num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray instance (None: all)")
     preemption_poll_every: int = Field(10, ge=0, description="steps between polls of Ray's preemption notice; 0: off")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement strategy of the worker group (SPREAD: one worker per node if possible)"
+    )
+    min_workers: int | None = Field(
+        None, gt=0, description="elastic: any worker count in [min_workers, train.workers]; None: fixed"
+    )
 
 
 class LogSection(_Section):
@@ -167,6 +175,18 @@ class RunConfig(_Section):
     def _cross_sections(self) -> RunConfig:
         if self.objective.patch_size != PIXEL_PATCH:
             raise ValueError(f"objective.patch_size={self.objective.patch_size} must be {PIXEL_PATCH} for FLUX.2 klein")
+        if self.run.min_workers is not None:
+            if self.run.min_workers > self.train.workers:
+                raise ValueError(f"run.min_workers={self.run.min_workers} exceeds train.workers={self.train.workers}")
+            per_worker = self.train.micro_batch * (self.train.grad_accum or 1)
+            bad = [w for w in range(self.run.min_workers, self.train.workers + 1)
+                   if self.train.global_batch % (per_worker * w)]
+            if bad or self.train.grad_accum is not None:
+                raise ValueError(
+                    f"run.min_workers={self.run.min_workers}: train.global_batch={self.train.global_batch} must be "
+                    f"divisible by train.micro_batch × workers for every count in [min_workers, train.workers] "
+                    f"with grad_accum derived (not set); fails for {bad or 'an explicit train.grad_accum'}"
+                )
         if self.sample.every and self.sample.every % self.checkpoint.every:
             raise ValueError(
                 f"sample.every={self.sample.every} must be a multiple of checkpoint.every={self.checkpoint.every}"
@@ -198,6 +218,8 @@ class RunConfig(_Section):
         data["train"].pop("steps")
         data["data"].pop("loader_workers", None)
         data["data"].pop("prefetch_batches", None)
+        data["checkpoint"].pop("upload_retries", None)
+        data["checkpoint"].pop("upload_backoff_s", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -57,6 +57,16 @@ def maybe_init_ray(cfg: RunConfig) -> bool:
     return True
 
 
+def build_scaling_config(cfg: RunConfig):
+    """Worker count (fixed, or elastic `(run.min_workers, train.workers)`: Ray Train V2 starts with what fits and
+    grows back when nodes return) and the placement strategy across nodes (PACK / SPREAD / STRICT_*)."""
+    from ray.train import ScalingConfig
+
+    workers = cfg.train.workers if cfg.run.min_workers is None else (cfg.run.min_workers, cfg.train.workers)
+    return ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
+                         placement_strategy=cfg.run.placement_strategy)
+
+
 def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> LaunchResult:
     """Validate inputs, then run the worker group to `train.steps` (resuming from the latest checkpoint)."""
     if check:
@@ -67,7 +77,7 @@ def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> Launc
     save_resolved(cfg, cfg.run_dir)
     started = maybe_init_ray(cfg)
     try:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig
         from ray.train.torch import TorchTrainer
 
         from orchestration.worker import train_loop_per_worker
@@ -75,7 +85,7 @@ def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> Launc
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": cfg.to_dict()},
-            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu),
+            scaling_config=build_scaling_config(cfg),
             run_config=RayRunConfig(
                 name=cfg.run.name,
                 storage_path=_storage_for_ray(cfg.run.storage),

@@ -19,6 +19,7 @@ from orchestration.config import RunConfig, local_file
 from orchestration.preemption import Preempted, PreemptionFlag, agree_to_stop, maybe_ray_preemption_notice
 
 KEYS_LOG = "keys.jsonl"  # per-step consumed sample keys (rank 0, global batch order): resume tests compare these
+KEYS_DIR = "keys"  # object storage cannot append: one `keys/step-N.json` object per step instead of KEYS_LOG
 METRICS_LOG = "metrics.jsonl"  # one line per logged step (rank 0): loss curve, `asymflow status` progress and ETA
 
 
@@ -89,6 +90,13 @@ class Counters:
     data_wait_s: float = 0.0
     step_time_s: float = 0.0
     window_steps: int = 0
+    # Goodput over the whole run (all attempts; carried in state.json): see `Trainer.goodput`.
+    run_start_time: float = 0.0
+    restart_lost_s: float = 0.0
+    checkpoint_stall_s: float = 0.0
+    total_data_wait_s: float = 0.0
+    total_step_time_s: float = 0.0
+    interruptions: int = 0
 
 
 class Trainer:
@@ -118,6 +126,7 @@ class Trainer:
         step, data_state = self.restore(restore)
         self.loader = self.build_loader(data_state)
         self.maybe_start_wandb(restore)
+        self.maybe_record_interruption(restore)
         total = self.cfg.train.steps
         self.t_start, self.step_start = time.time(), step
         while step < total:
@@ -132,6 +141,7 @@ class Trainer:
                 self.log_line(f"preempted: checkpoint at step {step} committed; exiting for a restart")
                 raise Preempted(f"preempted at step {step}")
         self.loader.close()
+        self.log_summary(total)
         self.maybe_export(total)
         self.finish()
 
@@ -255,14 +265,25 @@ class Trainer:
         self.wandb_id = restore.state.get("wandb_run_id")
         self.counters.skipped_steps = int(restore.state.get("skipped_steps", 0))
         self.counters.preemptions = int(restore.state.get("preemptions", 0)) + int(bool(restore.state.get("preempted")))
-        self.counters.steps_lost = int(restore.state.get("steps_lost", 0)) + self.steps_done_after(restore.step)
+        self.lost_now = self.steps_done_after(restore.step)
+        self.counters.steps_lost = int(restore.state.get("steps_lost", 0)) + self.lost_now
+        goodput = restore.state.get("goodput", {})
+        for name in ("run_start_time", "restart_lost_s", "checkpoint_stall_s", "total_data_wait_s",
+                     "total_step_time_s", "interruptions"):
+            setattr(self.counters, name, type(getattr(self.counters, name))(goodput.get(name, 0)))
         self.log_line(f"resumed from {restore.path} (step {restore.step}, saved by {saved_world} worker(s))")
         return restore.step, DataState.model_validate(restore.state["data"])
 
     def steps_done_after(self, step: int) -> int:
         """Steps trained after the checkpoint we resume from (lost work), read from the keys log when local."""
+        if not ckpt.is_local(self.run_dir):
+            fs, keys_dir = ckpt._fs(f"{self.run_dir}/{KEYS_DIR}")
+            names = fs.ls(keys_dir, detail=False) if fs.exists(keys_dir) else []
+            steps = [int(n.rsplit("step-", 1)[1].split(".")[0]) for n in names
+                     if n.rsplit("/", 1)[-1].startswith("step-")]
+            return max(max(steps, default=-1) + 1 - step, 0)
         path = os.path.join(ckpt._fs(self.run_dir)[1], KEYS_LOG)
-        if not ckpt.is_local(self.run_dir) or not os.path.exists(path):
+        if not os.path.exists(path):
             return 0
         done = -1
         with open(path) as f:
@@ -332,6 +353,8 @@ class Trainer:
         self.record_keys(step, keys)
         self.counters.data_wait_s += t_data
         self.counters.step_time_s += time.perf_counter() - t0
+        self.counters.total_data_wait_s += t_data
+        self.counters.total_step_time_s += time.perf_counter() - t0
         self.counters.window_steps += 1
         self.last_metrics = {**metrics_sum, "grad_norm": grad_norm, "lr": self.base_lrs[self.default_group] * factor}
 
@@ -344,10 +367,14 @@ class Trainer:
         """Gather every rank's keys in rank order (= the global batch order) and append one line (rank 0)."""
         gathered: list[list[str]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(gathered, keys)
-        if self.rank == 0 and ckpt.is_local(self.run_dir):
-            path = os.path.join(ckpt._fs(self.run_dir)[1], KEYS_LOG)
-            with open(path, "a") as f:
-                f.write(json.dumps({"step": step, "keys": [k for part in gathered for k in part]}) + "\n")
+        if self.rank != 0:
+            return
+        record = json.dumps({"step": step, "keys": [k for part in gathered for k in part]})
+        if ckpt.is_local(self.run_dir):
+            with open(os.path.join(ckpt._fs(self.run_dir)[1], KEYS_LOG), "a") as f:
+                f.write(record + "\n")
+        else:  # a redone step overwrites its object, like "last record per step" in the local log
+            ckpt.write_bytes(f"{self.run_dir}/{KEYS_DIR}/{ckpt.step_name(step)}.json", record.encode(), self.retry)
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -359,8 +386,9 @@ class Trainer:
             ckpt.begin_checkpoint(self.run_dir, step)
         self.barrier()
         staging = ckpt.staging_dir(self.run_dir, step)
-        self.engine.save_checkpoint(ckpt.local_engine_dir(self.run_dir, step), tag=ckpt.ENGINE_TAG,
+        self.engine.save_checkpoint(ckpt.local_engine_dir(self.run_dir, step, self.rank), tag=ckpt.ENGINE_TAG,
                                     save_latest=False)
+        ckpt.upload_engine_files(self.run_dir, step, self.rank, self.retry)  # object storage: each rank its own files
         from deepspeed.utils import safe_get_full_fp32_param
 
         trainable = {name: safe_get_full_fp32_param(p).cpu() for name, p in self.trainable}
@@ -372,9 +400,10 @@ class Trainer:
             ckpt.write_state(f"{staging}/{ckpt.STATE}", self.state_dict(step, preempted))
         self.barrier()
         if self.rank == 0:
-            ckpt.commit_checkpoint(self.run_dir, step, self.cfg.checkpoint.keep)
+            ckpt.commit_checkpoint(self.run_dir, step, self.cfg.checkpoint.keep, self.retry)
             self.log_line(f"checkpoint step {step} committed in {time.perf_counter() - t0:.1f}s")
         self.barrier()
+        self.counters.checkpoint_stall_s += time.perf_counter() - t0
 
     def state_dict(self, step: int, preempted: bool) -> dict[str, Any]:
         return {
@@ -389,6 +418,7 @@ class Trainer:
             "preemptions": self.counters.preemptions,
             "steps_lost": self.counters.steps_lost,
             "preempted": preempted,
+            "goodput": self.goodput_state(),
             "zero_partition": self.zero_partition,
             "time": time.time(),
         }
@@ -424,6 +454,7 @@ class Trainer:
             "skipped_steps": c.skipped_steps,
             "preemptions": c.preemptions,
             "steps_lost": c.steps_lost,
+            **self.goodput(step),
         }
         c.data_wait_s = c.step_time_s = 0.0
         c.window_steps = 0
@@ -445,6 +476,73 @@ class Trainer:
             f"step {step}/{total} loss {metrics.get('loss', float('nan')):.4f} gn {metrics['grad_norm']:.3g} "
             f"lr {metrics['lr']:.3g} {metrics['samples_per_s']:.1f} samples/s data-wait "
             f"{100 * metrics['data_wait_frac']:.0f}% skipped {c.skipped_steps} eta {eta / 60:.1f} min"
+        )
+
+    @property
+    def retry(self) -> ckpt.RetryPolicy:
+        c = self.cfg.checkpoint
+        return ckpt.RetryPolicy(attempts=c.upload_retries, backoff_s=c.upload_backoff_s)
+
+    def goodput_state(self) -> dict[str, float]:
+        c = self.counters
+        return {"run_start_time": c.run_start_time, "restart_lost_s": c.restart_lost_s,
+                "checkpoint_stall_s": c.checkpoint_stall_s, "total_data_wait_s": c.total_data_wait_s,
+                "total_step_time_s": c.total_step_time_s, "interruptions": c.interruptions}
+
+    def goodput(self, step: int) -> dict[str, float]:
+        """Over the whole run, all attempts: wall time lost to restarts (checkpoint resumed from → ready to train
+        again, so it includes redone steps and restart overhead), time training stood still for checkpoints,
+        fraction of step time spent waiting for data, and useful samples per wall-clock second."""
+        c = self.counters
+        wall = max(time.time() - c.run_start_time, 1e-9)
+        return {
+            "goodput/restart_lost_s": c.restart_lost_s,
+            "goodput/checkpoint_stall_s": c.checkpoint_stall_s,
+            "goodput/data_wait_frac": c.total_data_wait_s / c.total_step_time_s if c.total_step_time_s else 0.0,
+            "goodput/effective_samples_per_s": step * self.cfg.train.global_batch / wall,
+            "goodput/wall_s": wall,
+            "goodput/interruptions": c.interruptions,
+        }
+
+    def maybe_record_interruption(self, restore: ckpt.Restored | None) -> None:
+        """A resumed attempt: count the restart's lost wall time, and (rank 0) append an `interruption` event to the
+        run ledger (wandb sees the running totals `goodput/interruptions`, `steps_lost`, `goodput/restart_lost_s`
+        with every logged step, since a resumed wandb run cannot log at an earlier step)."""
+        c = self.counters
+        if restore is None:
+            c.run_start_time = time.time()
+            return
+        if not c.run_start_time:
+            c.run_start_time = float(restore.state.get("time", time.time()))
+        lost_s = max(time.time() - float(restore.state.get("time", time.time())), 0.0)
+        c.restart_lost_s += lost_s
+        c.interruptions += 1
+        if self.rank != 0:
+            return
+        event = {"step": restore.step, "steps_lost": getattr(self, "lost_now", 0),
+                 "preempted": bool(restore.state.get("preempted")), "lost_s": round(lost_s, 3),
+                 "world_size": self.world_size, "wandb_run_id": self.wandb_id}
+        try:
+            from orchestration.ledger import Ledger
+
+            Ledger.for_run(self.cfg.run.storage, self.cfg.run.name).append("interruption", **event)
+        except Exception as exc:  # noqa: BLE001  (the ledger is a record; training goes on without it)
+            self.log_line(f"could not append the interruption to the ledger: {type(exc).__name__}")
+        self.log_line(f"interruption #{c.interruptions}: resumed at step {restore.step}, {event['steps_lost']} "
+                      f"step(s) lost, {lost_s:.1f}s of wall time")
+
+    def log_summary(self, step: int) -> None:
+        """The run's goodput, once at the end: log line and wandb summary (rank 0)."""
+        if self.rank != 0:
+            return
+        g = self.goodput(step)
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({**g, "steps_lost": self.counters.steps_lost})
+        self.log_line(
+            f"goodput: {g['goodput/effective_samples_per_s']:.2f} samples/s over {g['goodput/wall_s']:.0f}s, "
+            f"{g['goodput/restart_lost_s']:.1f}s lost to {self.counters.interruptions} restart(s) "
+            f"({self.counters.steps_lost} step(s) redone), {g['goodput/checkpoint_stall_s']:.1f}s in checkpoints, "
+            f"data wait {100 * g['goodput/data_wait_frac']:.1f}%"
         )
 
     def log_line(self, text: str) -> None:
