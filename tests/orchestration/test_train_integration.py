@@ -278,3 +278,65 @@ def test_resume_on_another_worker_count_continues_the_data_order(dataset, plain,
     assert abs(two["rank_numel"] - one["rank_numel"] / 2) <= 1000, (two, one)  # padding: < 1 element per tensor
     trainable, ema = _final_tensors(run)
     assert all(torch.isfinite(t).all() for t in [*trainable.values(), *ema.values()])
+
+
+def _in_progress_checkpoint(checkpoints: Path) -> Path | None:
+    """A checkpoint being written right now: a staging directory, or a step directory not yet marked COMPLETE."""
+    try:
+        for p in checkpoints.iterdir():
+            if p.name.startswith(".staging-") or (p.name.startswith("step-") and not (p / "COMPLETE").exists()):
+                return p
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the job's driver and everything it started (its local Ray included), by PID."""
+    root = psutil.Process(proc.pid)
+    family = [root, *root.children(recursive=True)]
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_job_killed_during_checkpoint_write_resumes_from_previous_complete(dataset, plain, tmp_path):
+    """The whole job (driver + its Ray + workers) gets SIGKILL while a checkpoint is being written; running the same
+    command again ignores the partial checkpoint, resumes from the previous complete one and ends like `plain`."""
+    from orchestration.checkpoint import complete_steps
+
+    cmd = [sys.executable, "-m", "orchestration.cli", "train", str(REPO / "configs" / "tiny.yaml"), "--data", dataset,
+           "--storage", str(tmp_path), "--name", "run", "--steps", str(STEPS), "--workers", "2",
+           "--set", "log.wandb_mode=offline"]
+    env = {**os.environ, "RAY_ADDRESS": ""}  # a job of its own: never attach to the test module's Ray
+    checkpoints = tmp_path / "run" / "checkpoints"
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    caught = None
+    try:
+        deadline = time.time() + 600
+        while job.poll() is None and time.time() < deadline:
+            # the first checkpoint (step 2) may be caught too, but a later one proves "previous complete" is used
+            if complete_steps(str(tmp_path / "run")):
+                caught = _in_progress_checkpoint(checkpoints)
+                if caught is not None:
+                    _kill_tree(job)
+                    break
+            time.sleep(0.002)
+    finally:
+        if job.poll() is None:
+            _kill_tree(job)
+    assert caught is not None, "the job finished before a checkpoint write could be interrupted"
+    before = complete_steps(str(tmp_path / "run"))
+    assert before and before[-1] < STEPS
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert f"(step {before[-1]}," in rerun.stdout + rerun.stderr  # "resumed from ... (step N, ...": the last complete one
+    reference = _final_tensors(plain)
+    final = _final_tensors(tmp_path / "run")
+    _assert_same(reference[0], final[0])
+    _assert_same(reference[1], final[1])
+    assert _in_progress_checkpoint(checkpoints) is None
