@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -12,16 +13,20 @@ from . import tiny
 Part = Literal["transformer", "vae", "text_encoder", "tokenizer"]
 ALL_PARTS: tuple[Part, ...] = ("transformer", "vae", "text_encoder", "tokenizer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The small trained base shipped with the repo (scripts/train_tiny_base.py writes it; see its MODEL_CARD.md).
+BUNDLED_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_base"
 
 
 class BaseModelConfig(BaseModel):
-    """Which latent model to convert. `tiny`: built in code from `seed` (tests, demo); `diffusers`: a local
-    FLUX.2 klein diffusers directory with subfolders transformer/, vae/, text_encoder/, tokenizer/
-    (a hub id works for users with network access; tests never use one)."""
+    """Which latent model to convert. `tiny`: built in code from `seed` (tests, demo); `bundled`: the small
+    trained transformer/ and vae/ in `path` (default: the repo's assets/tiny_base/) with the tiny text encoder
+    and tokenizer built in code from `seed` as for `tiny`; `diffusers`: a local FLUX.2 klein diffusers
+    directory with subfolders transformer/, vae/, text_encoder/, tokenizer/ (a hub id works for users with
+    network access; tests never use one)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["tiny", "diffusers"] = "tiny"
+    kind: Literal["tiny", "bundled", "diffusers"] = "tiny"
     path: str | None = None
     seed: int = 0
     text_hidden_layers: tuple[int, ...] = tiny.TINY_TEXT_LAYERS
@@ -38,6 +43,8 @@ class BaseModelConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """A short string identifying the model, recorded next to cached latents/embeddings."""
+        if self.kind == "bundled":
+            return f"bundled:{self.path or 'assets/tiny_base'}:seed={self.seed}"
         return f"tiny:seed={self.seed}" if self.kind == "tiny" else f"diffusers:{self.path}"
 
 
@@ -60,6 +67,17 @@ def load_base_components(cfg: BaseModelConfig, parts: tuple[Part, ...] = ALL_PAR
         builders = {
             "transformer": lambda: tiny.build_tiny_transformer(cfg.seed),
             "vae": lambda: tiny.build_tiny_vae(cfg.seed + 1),
+            "text_encoder": lambda: tiny.build_tiny_text_encoder(cfg.seed + 2),
+            "tokenizer": tiny.build_tiny_tokenizer,
+        }
+    elif cfg.kind == "bundled":
+        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+        root = cfg.path or str(BUNDLED_PATH)
+        fp32 = torch.float32  # stored fp16; loaded in fp32 and cast below, so `dtype` decides
+        builders = {
+            "transformer": lambda: Flux2Transformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=fp32),
+            "vae": lambda: AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", torch_dtype=fp32),
             "text_encoder": lambda: tiny.build_tiny_text_encoder(cfg.seed + 2),
             "tokenizer": tiny.build_tiny_tokenizer,
         }
