@@ -75,7 +75,7 @@ def listening_addresses(pid: int) -> set[str]:
         try:
             for c in p.net_connections(kind="tcp"):
                 if c.status == psutil.CONN_LISTEN:
-                    out.add(c.laddr.ip)
+                    out.add(c.laddr.ip.removeprefix("::ffff:"))  # IPv4-mapped IPv6 form of the same address
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
@@ -256,7 +256,10 @@ class RayCluster:
     def _start(self, name: str, args: list[str], wait: float = 90.0) -> RayNode:
         log = self.root / f"{name}.log"
         ports = free_ports(8)
-        cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir,
+        # Worker nodes go through `python -m tests.orchestration.multinode_helpers start ...` (see `_ray_start_cli`).
+        launcher = ([str(BIN / "ray")] if "--head" in args
+                    else [sys.executable, "-m", "tests.orchestration.multinode_helpers"])
+        cmd = [*launcher, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir,
                "--disable-usage-stats", "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
                "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
                "--metrics-export-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5]),
@@ -326,3 +329,33 @@ class RayCluster:
                 node.kill(signal.SIGKILL)
         self.workers, self.head = [], None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- loopback worker node
+
+
+class _OnlyForTheJoinCheck:
+    """Truthy only where `ray start` decides whether a non-head node may join a cluster.
+
+    Binding every Ray socket to 127.0.0.1 needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (DESIGN.md §3), and with it
+    `ray start --address` refuses to start a worker node ("multi-node clusters are not supported on Windows and
+    OSX"). Everywhere else the flag must stay false, or Ray resolves 127.0.0.1 to the machine's reachable address.
+    Real clusters have real node addresses and use plain `ray start`; this exists only for loopback-only tests.
+    """
+
+    def __bool__(self) -> bool:
+        caller = sys._getframe(1).f_code
+        return caller.co_name == "start" and caller.co_filename.endswith(os.path.join("scripts", "scripts.py"))
+
+
+def _ray_start_cli() -> None:
+    import ray._private.ray_constants as ray_constants
+    from ray.scripts.scripts import main
+
+    ray_constants.ENABLE_RAY_CLUSTER = _OnlyForTheJoinCheck()
+    sys.argv = ["ray", *sys.argv[1:]]
+    main()
+
+
+if __name__ == "__main__":
+    _ray_start_cli()
