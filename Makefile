@@ -31,5 +31,8 @@ test-unit: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m orchestration.demo --output demo-output
 
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
 clean:
 	rm -rf demo-output .pytest_cache
