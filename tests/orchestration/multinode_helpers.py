@@ -230,6 +230,7 @@ class RayCluster:
 
     def __init__(self, root: Path, extra_env: dict[str, str] | None = None, dashboard: bool = False):
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.temp_dir = tempfile.mkdtemp(prefix="afmn-", dir="/tmp")  # short: Unix socket paths ≤ 107 bytes
         self.token_path = self.root / "auth_token"
         self.extra_env = dict(extra_env or {})
