@@ -28,18 +28,17 @@ the GPU suite has not been run (see docs/SCALING.md for predictions, clearly mar
 
 FINDINGS = """### Why targets are missed, and what costs (as of the run recorded here)
 
-- **Trainer step time +13 % vs the bare loop** (median of 3 interleaved runs; the per-run ratios were 1.52, 0.92 and
-  1.07, so the load of the shared machine is as large as the effect). Inside `step_time_s` the trainer adds, per step:
-  the `all_gather_object` of sample keys (a pickled gloo collective), the EMA update over every trainable tensor
-  (`safe_get_local_fp32_param` per parameter), the loader hand-off and LR bookkeeping. At the tiny model's ~0.7 s
-  step they came to ~90 ms (median difference); they do not grow with model size, so on GPU-sized steps they vanish.
-- **Wall clock between steps is 3.0× the bare step** and is pinned at ~2.0 s: the worker calls `ray.train.report`
-  on every logged step (tiny.yaml logs every step). In Ray Train 2.60 each worker's result queue holds one item
-  (`queue.Queue(maxsize=1)`) and the controller drains it on its 2 s poll (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`,
-  default 2.0), and every report also runs a cross-rank barrier through Ray's synchronization actor — so a step
-  shorter than 2 s waits for the poll. Checkpoints every 4 steps are hidden inside that wait (mean = median).
-  With the recipe's `log.every=10` and multi-second GPU steps it does not bind; with fast steps, report to Ray less
-  often (or only with checkpoints), since metrics.jsonl and wandb already carry the numbers.
+- **Trainer step time vs the bare loop: within the noise of this machine.** A first run (12:2x UTC) gave +13 %
+  (per-run ratios 1.52, 0.92, 1.07); the run recorded here gave 0.72 (ours *faster*, because the load rose during
+  the bare repetitions). Neither is a real speed-up or slow-down: the load of the shared machine is as large as the
+  effect. Inside `step_time_s` the trainer adds, per step, the `all_gather_object` of sample keys (a pickled gloo
+  collective), the EMA update over every trainable tensor (`safe_get_local_fp32_param` per parameter), the loader
+  hand-off and LR bookkeeping — tens of ms that do not grow with model size. Re-measure on a quiet machine.
+- **Wall clock between steps was pinned at ~2.0 s (3.0× the bare step) and is fixed**: the worker called
+  `ray.train.report` on every logged step, and Ray Train 2.60 drains each worker's one-slot result queue on its 2 s
+  poll and runs a cross-rank barrier per report, so every shorter step waited for the poll. The worker now reports
+  to Ray only at checkpoint steps and at the end (metrics.jsonl and wandb carry every step): wall clock per step
+  is now 0.78 s against a 0.71 s step.
 - **Cold start ~30 s to the first step** (and the same again after a preemption): worker processes, imports,
   model build and conversion on every rank, DeepSpeed init; the SIGTERM resume is slower than SIGKILL because
   the group first finishes the step in flight and writes a checkpoint.
@@ -68,9 +67,8 @@ NOTES = {
                         "TorchTrainer so process group, gloo and the 1-thread-per-worker setting match). `step_time_s` "
                         "is the trainer's own per-step timer (loader wait + loss + backward + ZeRO step + EMA + keys "
                         "gather), medians over steps after the first 3. The wall-clock rows time consecutive "
-                        "metrics.jsonl lines and so add what happens between steps: `ray.train.report` (a cross-worker "
-                        "barrier through a Ray actor on every call, even without a checkpoint), the `agree_to_stop` "
-                        "all-reduce, logging and, in the mean, the checkpoints.",
+                        "metrics.jsonl lines and so add what happens between steps: the `agree_to_stop` all-reduce, "
+                        "logging, `ray.train.report` at checkpoint steps and, in the mean, the checkpoints.",
     "zero3_memory": "Bare ZeRO-3 loop (the trainer's construction) on a mid-size FLUX.2-shaped model (512 wide, 4+4 "
                     "blocks, ~47 M parameters, fp32 on CPU), LoRA rank 32 vs full fine-tune, 1 vs 2 workers; the "
                     "partition figures are read from DeepSpeed (ds_tensor, fp32 master partitions, gradient partition "
