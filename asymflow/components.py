@@ -44,8 +44,20 @@ class BaseModelConfig(BaseModel):
     def fingerprint(self) -> str:
         """A short string identifying the model, recorded next to cached latents/embeddings."""
         if self.kind == "bundled":
-            return f"bundled:{self.path or 'assets/tiny_base'}:seed={self.seed}"
+            # the weights' content, not just their place: regenerated weights must invalidate old caches
+            return f"bundled:{_weights_digest(Path(self.path) if self.path else BUNDLED_PATH)}:seed={self.seed}"
         return f"tiny:seed={self.seed}" if self.kind == "tiny" else f"diffusers:{self.path}"
+
+
+def _weights_digest(root: Path) -> str:
+    """Short sha256 over the safetensors files under `root` (names and bytes, in sorted order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*.safetensors")):
+        digest.update(f.relative_to(root).as_posix().encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass

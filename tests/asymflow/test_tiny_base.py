@@ -112,3 +112,20 @@ def test_conversion_at_step0_samples_the_latent_sample_through_sB(base, images, 
     expected = scale * y.double() @ basis.double().T
     rel = ((tokens - expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)).max().item()
     assert rel < 1e-4, f"converted model's sample is {rel:.2e} (relative) away from s·B·(latent sample)"
+
+
+def test_bundled_fingerprint_follows_the_weights(tmp_path):
+    """Caches are keyed by the model fingerprint: regenerated weights must change it, a copy must not."""
+    import shutil
+
+    from asymflow.components import BUNDLED_PATH, BaseModelConfig
+
+    copy = tmp_path / "base"
+    shutil.copytree(BUNDLED_PATH, copy)
+    same = BaseModelConfig(kind="bundled", path=str(copy)).fingerprint()
+    assert same.split(":")[1] == BaseModelConfig(kind="bundled").fingerprint().split(":")[1]
+    weights = next(copy.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert BaseModelConfig(kind="bundled", path=str(copy)).fingerprint() != same
