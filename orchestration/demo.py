@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,15 +168,14 @@ def main(argv: list[str] | None = None) -> int:
 
     timings: dict[str, float] = {}
 
+    @contextmanager
     def stage(name: str):
-        class _Timer:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                print(f"\n== {name} ==", flush=True)
-
-            def __exit__(self, *exc):
-                timings[name] = round(time.perf_counter() - self.t, 2)
-        return _Timer()
+        start = time.perf_counter()
+        print(f"\n== {name} ==", flush=True)
+        try:
+            yield
+        finally:
+            timings[name] = round(time.perf_counter() - start, 2)
 
     with stage("corpus"):
         from data_prep.corpus import build_clean_corpus
