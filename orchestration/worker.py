@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from orchestration import checkpoint as ckpt
 from orchestration.config import RunConfig, local_file
+from orchestration.goodput import Goodput, executed_steps
 from orchestration.preemption import Preempted, PreemptionFlag, agree_to_stop, maybe_ray_preemption_notice
 
 KEYS_LOG = "keys.jsonl"  # per-step consumed sample keys (rank 0, global batch order): resume tests compare these
@@ -86,17 +87,10 @@ def _partition_of(full: torch.Tensor, param: torch.nn.Parameter, rank: int) -> t
 class Counters:
     skipped_steps: int = 0
     preemptions: int = 0
-    steps_lost: int = 0
+    # The current logging window (reset at every logged step); whole-run totals live in `Trainer.goodput`.
     data_wait_s: float = 0.0
     step_time_s: float = 0.0
     window_steps: int = 0
-    # Goodput over the whole run (all attempts; carried in state.json): see `Trainer.goodput`.
-    run_start_time: float = 0.0
-    restart_lost_s: float = 0.0
-    checkpoint_stall_s: float = 0.0
-    total_data_wait_s: float = 0.0
-    total_step_time_s: float = 0.0
-    interruptions: int = 0
 
 
 class Trainer:
@@ -111,6 +105,7 @@ class Trainer:
         self.device = torch.device(f"cuda:{local_rank}" if cfg.train.use_gpu else "cpu")
         self.flag = PreemptionFlag()
         self.counters = Counters()
+        self.goodput = Goodput()
         self.wandb_run = None
         self.wandb_id: str | None = None
         self.sample_tasks: list[Any] = []
@@ -125,8 +120,8 @@ class Trainer:
         self.build_engine(load_universal=restore is not None and restore.state["world_size"] != self.world_size)
         step, data_state = self.restore(restore)
         self.loader = self.build_loader(data_state)
-        self.maybe_start_wandb(restore)
-        self.maybe_record_interruption(restore)
+        interruptions = self.account_attempt(restore)
+        self.maybe_start_wandb(interruptions)
         total = self.cfg.train.steps
         self.t_start, self.step_start = time.time(), step
         while step < total:
@@ -265,34 +260,26 @@ class Trainer:
         self.wandb_id = restore.state.get("wandb_run_id")
         self.counters.skipped_steps = int(restore.state.get("skipped_steps", 0))
         self.counters.preemptions = int(restore.state.get("preemptions", 0)) + int(bool(restore.state.get("preempted")))
-        self.lost_now = self.steps_done_after(restore.step)
-        self.counters.steps_lost = int(restore.state.get("steps_lost", 0)) + self.lost_now
-        goodput = restore.state.get("goodput", {})
-        for name in ("run_start_time", "restart_lost_s", "checkpoint_stall_s", "total_data_wait_s",
-                     "total_step_time_s", "interruptions"):
-            setattr(self.counters, name, type(getattr(self.counters, name))(goodput.get(name, 0)))
+        self.goodput = Goodput.from_state(restore.state)
         self.log_line(f"resumed from {restore.path} (step {restore.step}, saved by {saved_world} worker(s))")
         return restore.step, DataState.model_validate(restore.state["data"])
 
-    def steps_done_after(self, step: int) -> int:
-        """Steps trained after the checkpoint we resume from (lost work), read from the keys log when local."""
+    def steps_lost_total(self, step: int) -> int:
+        """Steps executed over the whole run that are not in the history up to restored `step` (see
+        `orchestration.goodput`). Local storage: exact, from the appended key log. Object storage keeps one key
+        object per step (a redone step overwrites it), so there only the last attempt's loss is known: the steps
+        recorded beyond `step`, added to the restored total."""
         if not ckpt.is_local(self.run_dir):
             fs, keys_dir = ckpt._fs(f"{self.run_dir}/{KEYS_DIR}")
             names = fs.ls(keys_dir, detail=False) if fs.exists(keys_dir) else []
             steps = [int(n.rsplit("step-", 1)[1].split(".")[0]) for n in names
                      if n.rsplit("/", 1)[-1].startswith("step-")]
-            return max(max(steps, default=-1) + 1 - step, 0)
+            return self.goodput.steps_lost + max(max(steps, default=-1) + 1 - step, 0)
         path = os.path.join(ckpt._fs(self.run_dir)[1], KEYS_LOG)
         if not os.path.exists(path):
-            return 0
-        done = -1
+            return self.goodput.steps_lost
         with open(path) as f:
-            for line in f:
-                try:
-                    done = max(done, int(json.loads(line)["step"]))
-                except (ValueError, KeyError):
-                    continue  # a line cut by a kill
-        return max(done + 1 - step, 0)
+            return max(executed_steps(f) - step, 0)
 
     def maybe_convert_universal(self, local_dir: str) -> str:
         """A ZeRO checkpoint refuses another world size: convert it once to DeepSpeed's universal format (rank 0,
@@ -353,8 +340,7 @@ class Trainer:
         self.record_keys(step, keys)
         self.counters.data_wait_s += t_data
         self.counters.step_time_s += time.perf_counter() - t0
-        self.counters.total_data_wait_s += t_data
-        self.counters.total_step_time_s += time.perf_counter() - t0
+        self.goodput.add_step(time.perf_counter() - t0, t_data)
         self.counters.window_steps += 1
         self.last_metrics = {**metrics_sum, "grad_norm": grad_norm, "lr": self.base_lrs[self.default_group] * factor}
 
@@ -403,7 +389,7 @@ class Trainer:
             ckpt.commit_checkpoint(self.run_dir, step, self.cfg.checkpoint.keep, self.retry)
             self.log_line(f"checkpoint step {step} committed in {time.perf_counter() - t0:.1f}s")
         self.barrier()
-        self.counters.checkpoint_stall_s += time.perf_counter() - t0
+        self.goodput.add_checkpoint(time.perf_counter() - t0)
 
     def state_dict(self, step: int, preempted: bool) -> dict[str, Any]:
         return {
@@ -416,19 +402,19 @@ class Trainer:
             "wandb_run_id": self.wandb_id,
             "skipped_steps": self.counters.skipped_steps,
             "preemptions": self.counters.preemptions,
-            "steps_lost": self.counters.steps_lost,
+            "steps_lost": self.goodput.steps_lost,
             "preempted": preempted,
-            "goodput": self.goodput_state(),
+            "goodput": self.goodput.state(),
             "zero_partition": self.zero_partition,
             "time": time.time(),
         }
 
     # ------------------------------------------------------------------ observe
 
-    def maybe_start_wandb(self, restore: ckpt.Restored | None) -> None:
-        """wandb on rank 0 only; the run id lives in state.json so a resumed run continues the same wandb run."""
-        if self.wandb_id is None:
-            self.wandb_id = f"{self.cfg.run.name}-{derive_seed(int(time.time() * 1e6)) % 10**8:08d}"
+    def maybe_start_wandb(self, interruptions: list[dict[str, Any]]) -> None:
+        """wandb on rank 0 only; the run id lives in state.json (and, before the first checkpoint, in the ledger's
+        `start` event) so every attempt continues the same wandb run. A resumed wandb run cannot log at an earlier
+        step, so the run's interruption log goes into its summary; running totals `goodput/*` go with every step."""
         if self.rank != 0 or self.cfg.log.wandb_mode == "disabled":
             return
         import wandb
@@ -440,6 +426,8 @@ class Trainer:
             project=self.cfg.log.wandb_project, entity=self.cfg.log.wandb_entity, id=self.wandb_id, resume="allow",
             mode=self.cfg.log.wandb_mode, dir=wandb_dir, config=self.cfg.to_dict(),
         )
+        if interruptions:
+            self.wandb_run.summary["interruption_log"] = [_brief(e) for e in interruptions]
 
     def maybe_log(self, step: int, total: int) -> None:
         if step % self.cfg.log.every and step != total:
@@ -453,8 +441,8 @@ class Trainer:
             "data_wait_frac": c.data_wait_s / c.step_time_s if c.step_time_s else 0.0,
             "skipped_steps": c.skipped_steps,
             "preemptions": c.preemptions,
-            "steps_lost": c.steps_lost,
-            **self.goodput(step),
+            "steps_lost": self.goodput.steps_lost,
+            **self.goodput.metrics(step, self.cfg.train.global_batch),
         }
         c.data_wait_s = c.step_time_s = 0.0
         c.window_steps = 0
@@ -487,65 +475,66 @@ class Trainer:
         c = self.cfg.checkpoint
         return ckpt.RetryPolicy(attempts=c.upload_retries, backoff_s=c.upload_backoff_s)
 
-    def goodput_state(self) -> dict[str, float]:
-        c = self.counters
-        return {"run_start_time": c.run_start_time, "restart_lost_s": c.restart_lost_s,
-                "checkpoint_stall_s": c.checkpoint_stall_s, "total_data_wait_s": c.total_data_wait_s,
-                "total_step_time_s": c.total_step_time_s, "interruptions": c.interruptions}
+    def account_attempt(self, restore: ckpt.Restored | None) -> list[dict[str, Any]]:
+        """Rank 0: who this attempt is and what the interruption before it cost. Returns the run's interruption
+        log (empty for a first attempt). Other ranks only keep the restored totals (rank 0 reports them).
 
-    def goodput(self, step: int) -> dict[str, float]:
-        """Over the whole run, all attempts: wall time lost to restarts (checkpoint resumed from → ready to train
-        again, so it includes redone steps and restart overhead), time training stood still for checkpoints,
-        fraction of step time spent waiting for data, and useful samples per wall-clock second."""
-        c = self.counters
-        wall = max(time.time() - c.run_start_time, 1e-9)
-        return {
-            "goodput/restart_lost_s": c.restart_lost_s,
-            "goodput/checkpoint_stall_s": c.checkpoint_stall_s,
-            "goodput/data_wait_frac": c.total_data_wait_s / c.total_step_time_s if c.total_step_time_s else 0.0,
-            "goodput/effective_samples_per_s": step * self.cfg.train.global_batch / wall,
-            "goodput/wall_s": wall,
-            "goodput/interruptions": c.interruptions,
-        }
-
-    def maybe_record_interruption(self, restore: ckpt.Restored | None) -> None:
-        """A resumed attempt: count the restart's lost wall time, and (rank 0) append an `interruption` event to the
-        run ledger (wandb sees the running totals `goodput/interruptions`, `steps_lost`, `goodput/restart_lost_s`
-        with every logged step, since a resumed wandb run cannot log at an earlier step)."""
-        c = self.counters
-        if restore is None:
-            c.run_start_time = time.time()
-            return
-        if not c.run_start_time:
-            c.run_start_time = float(restore.state.get("time", time.time()))
-        lost_s = max(time.time() - float(restore.state.get("time", time.time())), 0.0)
-        c.restart_lost_s += lost_s
-        c.interruptions += 1
+        - A fresh run gets its wandb id and a `start` event in the ledger (so a restart before the first
+          checkpoint keeps the id and the start time).
+        - A restart from a checkpoint, or from scratch after steps were already executed (killed before the
+          first checkpoint), appends an `interruption` event: steps lost, wall time lost, preempted or not."""
+        now = time.time()
         if self.rank != 0:
-            return
-        event = {"step": restore.step, "steps_lost": getattr(self, "lost_now", 0),
-                 "preempted": bool(restore.state.get("preempted")), "lost_s": round(lost_s, 3),
-                 "world_size": self.world_size, "wandb_run_id": self.wandb_id}
+            if restore is None:
+                self.goodput.start(now)
+            return []
+        ledger = self.ledger_events()
+        restored = restore.state if restore is not None else None
+        if restored is None:
+            start = next((e for e in reversed(ledger) if e.get("kind") == "start"), None)
+            if start is None or not self.steps_lost_total(0):
+                self.wandb_id = f"{self.cfg.run.name}-{derive_seed(int(now * 1e6)) % 10**8:08d}"
+                self.goodput.start(now)
+                self.append_to_ledger("start", wandb_run_id=self.wandb_id, run_start_time=now)
+                return []
+            self.wandb_id = start["wandb_run_id"]  # killed before its first checkpoint: same run, from step 0
+            restored = {"step": 0, "time": start["run_start_time"], "preempted": False}
+        earlier = [e for e in ledger if e.get("kind") == "interruption" and e.get("wandb_run_id") == self.wandb_id]
+        event = self.goodput.resume(restored, now, self.steps_lost_total(int(restored["step"])), earlier)
+        event.update(world_size=self.world_size, wandb_run_id=self.wandb_id)
+        self.append_to_ledger("interruption", **event)
+        self.log_line(f"interruption #{event['interruption']}: resumed at step {event['step']}, "
+                      f"{event['steps_lost']} step(s) lost, {event['lost_s']:.1f}s of wall time")
+        return [*earlier, event]
+
+    def ledger_events(self) -> list[dict[str, Any]]:
         try:
             from orchestration.ledger import Ledger
 
-            Ledger.for_run(self.cfg.run.storage, self.cfg.run.name).append("interruption", **event)
+            return Ledger.for_run(self.cfg.run.storage, self.cfg.run.name).read()
+        except Exception as exc:  # noqa: BLE001  (unreadable ledger: the checkpoint's own totals still count)
+            self.log_line(f"could not read the run ledger: {type(exc).__name__}")
+            return []
+
+    def append_to_ledger(self, kind: str, **fields: Any) -> None:
+        try:
+            from orchestration.ledger import Ledger
+
+            Ledger.for_run(self.cfg.run.storage, self.cfg.run.name).append(kind, **fields)
         except Exception as exc:  # noqa: BLE001  (the ledger is a record; training goes on without it)
-            self.log_line(f"could not append the interruption to the ledger: {type(exc).__name__}")
-        self.log_line(f"interruption #{c.interruptions}: resumed at step {restore.step}, {event['steps_lost']} "
-                      f"step(s) lost, {lost_s:.1f}s of wall time")
+            self.log_line(f"could not append a {kind} event to the run ledger: {type(exc).__name__}")
 
     def log_summary(self, step: int) -> None:
         """The run's goodput, once at the end: log line and wandb summary (rank 0)."""
         if self.rank != 0:
             return
-        g = self.goodput(step)
+        g = self.goodput.metrics(step, self.cfg.train.global_batch)
         if self.wandb_run is not None:
-            self.wandb_run.summary.update({**g, "steps_lost": self.counters.steps_lost})
+            self.wandb_run.summary.update({**g, "steps_lost": self.goodput.steps_lost})
         self.log_line(
             f"goodput: {g['goodput/effective_samples_per_s']:.2f} samples/s over {g['goodput/wall_s']:.0f}s, "
-            f"{g['goodput/restart_lost_s']:.1f}s lost to {self.counters.interruptions} restart(s) "
-            f"({self.counters.steps_lost} step(s) redone), {g['goodput/checkpoint_stall_s']:.1f}s in checkpoints, "
+            f"{g['goodput/restart_lost_s']:.1f}s lost to {self.goodput.interruptions} restart(s) "
+            f"({self.goodput.steps_lost} step(s) redone), {g['goodput/checkpoint_stall_s']:.1f}s in checkpoints, "
             f"data wait {100 * g['goodput/data_wait_frac']:.1f}%"
         )
 
@@ -590,3 +579,8 @@ class Trainer:
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+
+def _brief(event: dict[str, Any]) -> dict[str, Any]:
+    """An interruption as the wandb summary lists it."""
+    return {k: event[k] for k in ("interruption", "step", "steps_lost", "preempted", "lost_s") if k in event}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.orchestration.multinode_helpers import RayCluster, listening_addresses
-from tests.orchestration.test_train_integration import (  # noqa: F401  (`dataset`: module fixture, shards by data_prep)
-    REPO, STEPS, _assert_same, _final_tensors, _keys_by_step, dataset,
+from tests.orchestration.test_train_integration import (
+    REPO, STEPS, _assert_same, _final_tensors, _keys_by_step,
 )
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,7 @@ def _launch(args: list[str], watcher: NodeWatcher, cluster: RayCluster, timeout:
 
 
 @pytest.fixture(scope="module")
-def spread_run(dataset, cluster, tmp_path_factory):  # noqa: F811
+def spread_run(dataset, cluster, tmp_path_factory):
     """The uninterrupted reference: 2 workers, SPREAD across the 2 worker nodes, STEPS steps."""
     storage = tmp_path_factory.mktemp("spread")
     watcher = NodeWatcher(cluster)
@@ -115,7 +115,7 @@ def test_spread_puts_one_worker_on_each_node(spread_run):
     assert sorted(_keys_by_step(run_dir)) == list(range(STEPS))
 
 
-def test_pack_puts_both_workers_on_one_node(dataset, cluster, tmp_path):  # noqa: F811
+def test_pack_puts_both_workers_on_one_node(dataset, cluster, tmp_path):
     watcher = NodeWatcher(cluster)
     _launch(_config(dataset, tmp_path, "pack", cluster, "PACK", steps=1), watcher, cluster)
     assert set(watcher.placements) & {(2, 0), (0, 2)}, watcher.placements
@@ -123,7 +123,7 @@ def test_pack_puts_both_workers_on_one_node(dataset, cluster, tmp_path):  # noqa
 
 
 @pytest.mark.slow
-def test_node_loss_then_replacement_gives_identical_weights(dataset, cluster, spread_run, tmp_path):  # noqa: F811
+def test_node_loss_then_replacement_gives_identical_weights(dataset, cluster, spread_run, tmp_path):
     """SIGKILL a whole worker node (ray start process, raylet, its workers) after 3 steps, start a replacement node:
     Ray Train restarts the group (STRICT_SPREAD needs 2 nodes, so it really waits for the new node), which resumes
     from the last complete checkpoint; final weights, EMA and per-step samples equal the uninterrupted run's."""
@@ -146,7 +146,7 @@ def test_node_loss_then_replacement_gives_identical_weights(dataset, cluster, sp
 
 
 @pytest.mark.slow
-def test_elastic_run_continues_on_fewer_nodes_with_exact_data_order(dataset, spread_run, tmp_path):  # noqa: F811
+def test_elastic_run_continues_on_fewer_nodes_with_exact_data_order(dataset, spread_run, tmp_path):
     """run.min_workers=1 on its own cluster of two 1-CPU worker nodes (Ray Train V2 sizes an elastic group by free
     resources, not by placement strategy, so one worker per node must come from the CPUs): a node lost without
     replacement → the group restarts with one worker, resumes through DeepSpeed's universal checkpoint, and the data
@@ -184,19 +184,49 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> str:
     return proc.stdout + proc.stderr
 
 
-def _wait(predicate, timeout: float, what: str, every: float = 1.0):
-    deadline = time.time() + timeout
+def _wait(predicate, timeout: float, what: str, every: float = 1.0, diagnose=lambda final: ""):
+    """Poll `predicate` until truthy. `diagnose()` returns text explaining a failure so far (e.g. the job's state and
+    logs); when it says the job has ended the wait fails at once with that text instead of running out the clock."""
+    deadline, next_check = time.time() + timeout, time.time() + 15
     while True:
         value = predicate()
         if value:
             return value
         if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{diagnose(final=True)}")
+        if time.time() > next_check:  # diagnose runs subprocesses: every 15 s is enough
+            next_check = time.time() + 15
+            ended = diagnose(final=False)
+            if ended:
+                raise AssertionError(f"gave up waiting for {what}: the job ended\n{ended}")
         time.sleep(every)
 
 
+def _job_diagnosis(env: dict[str, str], storage: Path, name: str, address: str):
+    """`diagnose` for `_wait`: while the job runs, nothing; once it has ended (or on the final call), its status and
+    the tail of its driver log, so a CI failure says why the run made no progress."""
+    import subprocess
+    import sys
+
+    def asymflow(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "orchestration.cli", *args, name, "--storage", str(storage),
+                               "--address", address], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        return proc.stdout + proc.stderr
+
+    def diagnose(final: bool) -> str:
+        status = asymflow("status", "--json")
+        try:
+            state = json.loads(status).get("state") or ""
+        except ValueError:
+            state = ""
+        if not final and state not in ("FAILED", "STOPPED", "SUCCEEDED"):
+            return ""
+        return f"asymflow status:\n{status}\nasymflow logs (tail):\n{asymflow('logs')[-8000:]}"
+    return diagnose
+
+
 @pytest.mark.slow
-def test_head_loss_then_resubmit_resumes_from_storage(dataset, spread_run, tmp_path):  # noqa: F811
+def test_head_loss_then_resubmit_resumes_from_storage(dataset, spread_run, tmp_path):
     """Kill the whole cluster (head with the job driver, and the worker nodes) by PID mid-run; start a new head and
     nodes; `asymflow submit` the same run → it resumes from the latest complete checkpoint in storage (found through
     the run ledger and the checkpoint listing, not the lost head), with the same wandb run id, and ends with the
@@ -227,7 +257,8 @@ def test_head_loss_then_resubmit_resumes_from_storage(dataset, spread_run, tmp_p
     first = start_cluster("c1")
     try:
         _cli(cli_env(first), *args, "--address", first.dashboard_url)
-        _wait(lambda: ckpt.complete_steps(str(run_dir)), 300, "a first checkpoint")
+        _wait(lambda: ckpt.complete_steps(str(run_dir)), 600, "a first checkpoint",
+              diagnose=_job_diagnosis(cli_env(first), storage, "headloss", first.dashboard_url))
         first.stop()  # SIGTERM then SIGKILL of every process tree: head (GCS, job driver), raylets, workers
     finally:
         first.stop()
@@ -239,7 +270,8 @@ def test_head_loss_then_resubmit_resumes_from_storage(dataset, spread_run, tmp_p
     try:
         out = _cli(cli_env(second), *args, "--address", second.dashboard_url)
         assert f"resumes from checkpoint step {ckpt.complete_steps(str(run_dir))[-1]}" in out
-        _wait(lambda: STEPS in ckpt.complete_steps(str(run_dir)), 420, "the resumed run to finish", every=2.0)
+        _wait(lambda: STEPS in ckpt.complete_steps(str(run_dir)), 600, "the resumed run to finish", every=2.0,
+              diagnose=_job_diagnosis(cli_env(second), storage, "headloss", second.dashboard_url))
     finally:
         second.stop()
     final = ckpt.read_state(str(run_dir / "checkpoints" / f"step-{STEPS:08d}"))

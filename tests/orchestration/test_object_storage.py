@@ -20,8 +20,8 @@ import torch
 
 from orchestration import checkpoint as ckpt
 from tests.orchestration.multinode_helpers import SeaweedS3, listening_addresses
-from tests.orchestration.test_train_integration import (  # noqa: F401  (`dataset`: module fixture, shards by data_prep)
-    REPO, STEPS, _assert_same, _final_tensors, _keys_by_step, _train_workers, dataset,
+from tests.orchestration.test_train_integration import (
+    REPO, STEPS, _assert_same, _final_tensors, _keys_by_step, _train_workers,
 )
 
 BUCKET = "asymflow-test"
@@ -188,7 +188,7 @@ def ray_local(s3):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_training_on_s3_shards_and_checkpoints_survives_sigkill(dataset, s3, ray_local, tmp_path, capfd):  # noqa: F811
+def test_training_on_s3_shards_and_checkpoints_survives_sigkill(dataset, s3, ray_local, tmp_path, capfd):
     """Shards read from s3://, checkpoints and keys written to s3://, one worker SIGKILLed after 3 steps: the final
     trainable weights and EMA equal those of an uninterrupted run on local disk, step by step the same samples,
     and the lost steps are counted. The credentials appear nowhere in the bucket, the Ray logs or the output."""
