@@ -56,6 +56,8 @@ class BuildConfig:
 
     def builder_record(self, inputs_sha256: str, num_inputs: int) -> dict[str, Any]:
         """The manifest's `builder` section; also the resume guard (a rerun must match it)."""
+        import zlib
+
         import PIL
 
         spec = asdict(self.image)
@@ -70,6 +72,7 @@ class BuildConfig:
             "num_inputs": num_inputs,
             "inputs_sha256": inputs_sha256,
             "pillow": PIL.__version__,  # resampling/encoders can change bytes between Pillow releases
+            "zlib": zlib.ZLIB_RUNTIME_VERSION,  # deflates the PNG writer's output (images.png_average_rgb8)
         }
 
 
