@@ -1,23 +1,31 @@
-"""Benchmark `prep shards` throughput (~1024² buckets from large JPEGs/PNGs) against a naive PIL loop, and 1 vs 2 workers, in one interleaved run.
+"""Benchmark `prep shards` throughput (~1024² buckets from large JPEGs/PNGs) against a naive PIL loop per core, and 1 vs 2 workers.
 
-    .venv/bin/python bench/shard_build.py [--count 48] [--reps 3] [--formats png,jpg]
+    .venv/bin/python bench/shard_build.py [--count 48] [--reps 3] [--formats png,jpg] [--phases scaling,per_core]
 
-Naive loop = what one writes first: PIL open → full decode → EXIF transpose → RGB → Lanczos resize to
-cover → crop → encode with the *same* encoder and settings as ours → webdataset.ShardWriter (TarWriter per shard). Both use the same
-bucket geometry, so the difference is the pipeline (reduced-size JPEG decoding, one-pass crop+resize with
-reducing_gap, no intermediate copies) plus process parallelism for the scaling figure. Repetitions are
-interleaved (naive, ours×1, ours×2, naive, …) so machine-load drift hits all variants alike; medians are
-reported. Results are appended to bench/results.jsonl.
+Naive loop = what one writes first: PIL open → full decode → EXIF transpose → RGB → Lanczos resize to cover →
+crop → `im.save` with Pillow's defaults except the settings that define the stored quality (JPEG q95 4:4:4,
+as ours; for PNG that means Pillow's default zlib level 6 and its per-row adaptive filter) →
+webdataset.ShardWriter (a TarWriter per shard). Both use the same bucket geometry. The per-image breakdown
+also times the naive loop with *our* encoder settings ("same_encoder"), which isolates the pipeline
+(reduced-size JPEG decoding, one-pass crop+resize) from the encoder choice; `output_MB_per_image_*` is the
+size cost of our encoder.
+
+Phases, each recorded with the machine load (`load` at the record, `load_at_start`):
+- per_core: naive vs ours with 1 worker (in-process), repetitions interleaved (naive, ours, naive, …) so
+  load drift hits both alike; medians. The ratio is what the issue calls "per core".
+- scaling: ours with 1 vs 2 worker processes, interleaved. Two workers on a 2-core machine only mean
+  something when nothing else runs, so this phase first waits (polling every 30 s, up to --wait-quiet s)
+  for the 1-minute load average to drop below --quiet-load, and records whether it did (`quiet`). It runs
+  first when both phases are asked for, so our own per-core runs do not hold the load up.
+Results are appended to bench/results.jsonl (bench/common.record); BENCHMARKS.md is rendered by bench/report.py.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -27,16 +35,28 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import REPO, load, record  # noqa: E402
 from data_prep.corpus import build_large_corpus  # noqa: E402
 from data_prep.images import ImageSpec, cover_crop_box, encode, make_buckets, nearest_bucket, process_image  # noqa: E402
 from data_prep.shards import BuildConfig, build_shards  # noqa: E402
 
 
-def naive_image(data: bytes, spec: ImageSpec) -> tuple[bytes, tuple[int, int]]:
-    """Full decode → EXIF transpose → RGB → Lanczos resize to cover → crop → encode (same encoder settings as ours)."""
+def naive_encode(im: Image.Image, spec: ImageSpec) -> bytes:
+    """`im.save` as one writes it first: Pillow's defaults, plus the settings that define the stored quality."""
+    buf = io.BytesIO()
+    if spec.format == "png":
+        im.save(buf, "PNG")  # Pillow's default: zlib level 6, adaptive per-row filter
+    elif spec.format == "jpg":
+        im.save(buf, "JPEG", quality=spec.quality, subsampling=0)  # same quality contract as ours
+    else:
+        im.save(buf, "WEBP", quality=spec.quality, lossless=spec.quality >= 100)
+    return buf.getvalue()
+
+
+def naive_image(data: bytes, spec: ImageSpec, same_encoder: bool = False) -> tuple[bytes, tuple[int, int]]:
+    """Full decode → EXIF transpose → RGB → Lanczos resize to cover → crop → encode."""
     im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     bucket = nearest_bucket(im.width, im.height, spec.buckets)
     s, _ = cover_crop_box(im.width, im.height, bucket)
@@ -44,7 +64,9 @@ def naive_image(data: bytes, spec: ImageSpec) -> tuple[bytes, tuple[int, int]]:
     im = im.resize((rw, rh), Image.Resampling.LANCZOS)
     left, top = (rw - bucket[0]) // 2, (rh - bucket[1]) // 2
     im = im.crop((left, top, left + bucket[0], top + bucket[1]))
-    return encode(im, spec.format, spec.quality, spec.png_compress_level), bucket
+    if same_encoder:
+        return encode(im, spec.format, spec.quality, spec.png_compress_level, spec.png_filter), bucket
+    return naive_encode(im, spec), bucket
 
 
 def naive_build(files: list[Path], out_dir: Path, spec: ImageSpec, shard_size: int) -> int:
@@ -60,30 +82,69 @@ def naive_build(files: list[Path], out_dir: Path, spec: ImageSpec, shard_size: i
     return written
 
 
-def per_image_ms(files: list[Path], spec: ImageSpec, reps: int) -> dict[str, dict[str, float]]:
-    """Median in-process ms per image for naive_image vs process_image, by source format (no I/O, no pool)."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for path in files:
-        data = path.read_bytes()
-        times: dict[str, list[float]] = {"naive": [], "ours": []}
-        for _ in range(reps):
-            for variant, fn in (("naive", naive_image), ("ours", process_image)):
-                t = time.perf_counter()
-                fn(data, spec)
-                times[variant].append(time.perf_counter() - t)
-        by_format = out.setdefault(path.suffix.lstrip("."), {"naive": [], "ours": []})
-        for variant, ts in times.items():
-            by_format[variant].append(statistics.median(ts) * 1e3)
-    return {f: {v: statistics.mean(ms) for v, ms in d.items()} for f, d in out.items()}
+def ours_build(corpus: Path, out_dir: Path, spec: ImageSpec, shard_size: int, workers: int) -> int:
+    report = build_shards(BuildConfig(str(corpus), str(out_dir), spec, shard_size), workers=workers, show_progress=False, log=lambda _: None)
+    assert report.exit_code == 0, report.message
+    return report.written
 
 
 def output_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.tar"))
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    return f"{model}, {len(os.sched_getaffinity(0))} cores usable, {platform.system()} {platform.release()}"
+def interleaved(variants: dict, files: list[Path], reps: int, cache: Path, label: str) -> tuple[dict[str, float], dict[str, int]]:
+    """Run each variant `reps` times, alternating; return median seconds and output bytes per variant."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    out_bytes: dict[str, int] = {}
+    for rep in range(reps):
+        for name, build in variants.items():
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                out = Path(tmp) / "out"
+                out.mkdir()
+                t = time.perf_counter()
+                n = build(out)
+                times[name].append(time.perf_counter() - t)
+                assert n == len(files), (name, n)
+                out_bytes[name] = output_bytes(out)
+            print(f"  [{label}] rep {rep + 1}/{reps} {name:8s} {times[name][-1]:6.2f}s  load {load()}", flush=True)
+    return {k: statistics.median(v) for k, v in times.items()}, out_bytes
+
+
+def per_image_ms(files: list[Path], spec: ImageSpec, reps: int) -> dict[str, dict[str, float]]:
+    """Mean over images of the median in-process ms per image, by source format (no I/O, no pool), variants interleaved."""
+    variants = {
+        "naive": lambda d: naive_image(d, spec),
+        "naive_same_encoder": lambda d: naive_image(d, spec, same_encoder=True),
+        "ours": lambda d: process_image(d, spec),
+    }
+    out: dict[str, dict[str, list[float]]] = {}
+    for path in files:
+        data = path.read_bytes()
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(reps):
+            for name, fn in variants.items():
+                t = time.perf_counter()
+                fn(data)
+                times[name].append(time.perf_counter() - t)
+        by_format = out.setdefault(path.suffix.lstrip("."), {k: [] for k in variants})
+        for name, ts in times.items():
+            by_format[name].append(statistics.median(ts) * 1e3)
+    return {f: {v: statistics.mean(ms) for v, ms in d.items()} for f, d in out.items()}
+
+
+def wait_quiet(threshold: float, max_wait: float, poll: float = 30.0) -> bool:
+    """Poll the 1-minute load average until it is below `threshold` (True) or `max_wait` seconds have passed (False)."""
+    t0 = time.monotonic()
+    while True:
+        one = os.getloadavg()[0]
+        if one < threshold:
+            print(f"quiet: 1-min load {one:.2f} < {threshold}", flush=True)
+            return True
+        if time.monotonic() - t0 >= max_wait:
+            print(f"never quiet within {max_wait:.0f}s (1-min load {one:.2f}); measuring anyway, recorded as not quiet", flush=True)
+            return False
+        print(f"waiting for a quiet machine: load {load()} ({time.monotonic() - t0:.0f}s)", flush=True)
+        time.sleep(poll)
 
 
 def main() -> None:
@@ -93,65 +154,71 @@ def main() -> None:
     ap.add_argument("--png-every", type=int, default=4, help="every k-th image is a PNG, the rest JPEG q95 (web corpora are mostly JPEG)")
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--formats", default="png,jpg", help="stored formats to measure")
+    ap.add_argument("--breakdown-count", type=int, default=16, help="images in the in-process per-image breakdown (first N of the corpus)")
+    ap.add_argument("--formats", default="png,jpg", help="stored formats for the per-core phase")
+    ap.add_argument("--scaling-format", default="png", help="stored format for the scaling phase (png is the default of prep shards)")
+    ap.add_argument("--phases", default="scaling,per_core", help="comma-separated: scaling, per_core")
+    ap.add_argument("--quiet-load", type=float, default=0.7, help="1-min load average below which the machine counts as quiet")
+    ap.add_argument("--wait-quiet", type=float, default=1200, help="longest wait (s) for a quiet machine before the scaling phase")
     ap.add_argument("--shard-size", type=int, default=4)
     ap.add_argument("--cache", default=str(REPO / ".cache" / "bench_shard_build"), help="corpus cache directory")
     ap.add_argument("--results", default=str(REPO / "bench" / "results.jsonl"))
     args = ap.parse_args()
+    results = Path(args.results)
+    cache = Path(args.cache)
+    phases = args.phases.split(",")
 
     t0 = time.perf_counter()
-    corpus = Path(args.cache) / "corpus"
+    corpus = cache / "corpus"
     files = build_large_corpus(corpus, count=args.count, long_side=args.long_side, png_every=args.png_every)
     source_bytes = sum(f.stat().st_size for f in files)
     print(f"corpus: {len(files)} images ({sum(f.suffix == '.png' for f in files)} PNG), long side {args.long_side}px, "
-          f"{source_bytes / 1e6:.1f} MB ({time.perf_counter() - t0:.1f}s); machine: {machine()}; load average {os.getloadavg()[0]:.1f}")
+          f"{source_bytes / 1e6:.1f} MB ({time.perf_counter() - t0:.1f}s); load {load()}", flush=True)
+    base_config = {"count": len(files), "long_side": args.long_side, "png_every": args.png_every, "resolution": args.resolution,
+                   "reps": args.reps, "shard_size": args.shard_size, "source_MB": round(source_bytes / 1e6, 2)}
 
-    records = []
-    for image_format in args.formats.split(","):
-        spec = ImageSpec(buckets=make_buckets(args.resolution), format=image_format)  # type: ignore[arg-type]
-        times: dict[str, list[float]] = {"naive": [], "ours_1": [], "ours_2": []}
-        out_bytes: dict[str, int] = {}
-        for rep in range(args.reps):
-            for variant in times:
-                with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
-                    out = Path(tmp) / "out"
-                    out.mkdir()
-                    t = time.perf_counter()
-                    if variant == "naive":
-                        n = naive_build(files, out, spec, args.shard_size)
-                    else:
-                        cfg = BuildConfig(str(corpus), str(out), spec, args.shard_size)
-                        report = build_shards(cfg, workers=int(variant[-1]), show_progress=False, log=lambda _: None)
-                        assert report.exit_code == 0, report.message
-                        n = report.written
-                    times[variant].append(time.perf_counter() - t)
-                    assert n == len(files), (variant, n)
-                    out_bytes[variant] = output_bytes(out)
-                print(f"  [{image_format}] rep {rep + 1}/{args.reps} {variant:7s} {times[variant][-1]:6.2f}s", flush=True)
-        med = {k: statistics.median(v) for k, v in times.items()}
+    if "scaling" in phases:
+        quiet = wait_quiet(args.quiet_load, args.wait_quiet)
+        load_at_start = load()
+        spec = ImageSpec(buckets=make_buckets(args.resolution), format=args.scaling_format)  # type: ignore[arg-type]
+        med, _ = interleaved({f"ours_{w}": (lambda out, w=w: ours_build(corpus, out, spec, args.shard_size, w)) for w in (1, 2)},
+                             files, args.reps, cache, f"scaling {args.scaling_format}")
         ips = {k: len(files) / v for k, v in med.items()}
-        mbs = {k: source_bytes / 1e6 / v for k, v in med.items()}
-        print(f"[{image_format}] images/s: naive {ips['naive']:.2f}, ours 1 worker {ips['ours_1']:.2f} ({ips['ours_1'] / ips['naive']:.2f}x), "
-              f"ours 2 workers {ips['ours_2']:.2f} ({ips['ours_2'] / ips['ours_1']:.2f}x over 1 worker)")
-        print(f"[{image_format}] source MB/s: naive {mbs['naive']:.1f}, ours 1 worker {mbs['ours_1']:.1f}, ours 2 workers {mbs['ours_2']:.1f}; "
-              f"output MB per image: naive {out_bytes['naive'] / len(files) / 1e6:.2f}, ours {out_bytes['ours_1'] / len(files) / 1e6:.2f}")
-        common = {"machine": machine(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                  "config": {"count": len(files), "long_side": args.long_side, "png_every": args.png_every, "resolution": args.resolution, "format": image_format, "reps": args.reps}}
-        breakdown = per_image_ms(files, spec, args.reps)
-        for src, ms in sorted(breakdown.items()):
-            print(f"[{image_format}] per image, {src} sources (in-process, no I/O): naive {ms['naive']:.0f} ms, ours {ms['ours']:.0f} ms ({ms['naive'] / ms['ours']:.2f}x)")
-            records.append({"benchmark": "shard_build", "metric": f"ms_per_image_{src}_source_{image_format}", "value": ms["ours"], "baseline_value": ms["naive"],
-                            "ratio": ms["naive"] / ms["ours"], "unit": "ms/image (lower is better; ratio = naive/ours)", **common})
-        records += [
-            {"benchmark": "shard_build", "metric": f"images_per_s_1worker_{image_format}", "value": ips["ours_1"], "baseline_value": ips["naive"], "ratio": ips["ours_1"] / ips["naive"], "unit": "images/s", **common},
-            {"benchmark": "shard_build", "metric": f"source_MB_per_s_1worker_{image_format}", "value": mbs["ours_1"], "baseline_value": mbs["naive"], "ratio": mbs["ours_1"] / mbs["naive"], "unit": "MB/s", **common},
-            {"benchmark": "shard_build_scaling", "metric": f"images_per_s_2workers_{image_format}", "value": ips["ours_2"], "baseline_value": ips["ours_1"], "ratio": ips["ours_2"] / ips["ours_1"], "unit": "images/s", **common},
-        ]
-    with open(args.results, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    print(f"appended {len(records)} results to {args.results}")
-    shutil.rmtree(Path(args.cache) / "tmp", ignore_errors=True)
+        note = "quiet machine" if quiet else f"machine never quiet (1-min load ≥ {args.quiet_load}) within {args.wait_quiet:.0f}s: figure is load-bound"
+        config = {**base_config, "format": args.scaling_format}
+        record("shard_build_scaling", f"images_per_s_2workers_{args.scaling_format}", ips["ours_2"], ips["ours_1"], ips["ours_2"] / ips["ours_1"],
+               "images/s (ratio = 2 workers / 1 worker)", config=config, note=note, results=results, quiet=quiet, load_at_start=load_at_start)
+        record("shard_build_scaling", f"source_MB_per_s_2workers_{args.scaling_format}", source_bytes / 1e6 / med["ours_2"], source_bytes / 1e6 / med["ours_1"],
+               med["ours_1"] / med["ours_2"], "source MB/s (ratio = 2 workers / 1 worker)", config=config, note=note, results=results, quiet=quiet,
+               load_at_start=load_at_start)
+
+    if "per_core" in phases:
+        for image_format in args.formats.split(","):
+            load_at_start = load()
+            spec = ImageSpec(buckets=make_buckets(args.resolution), format=image_format)  # type: ignore[arg-type]
+            med, out_bytes = interleaved({"naive": lambda out: naive_build(files, out, spec, args.shard_size),
+                                          "ours_1": lambda out: ours_build(corpus, out, spec, args.shard_size, 1)},
+                                         files, args.reps, cache, f"per core {image_format}")
+            ips = {k: len(files) / v for k, v in med.items()}
+            mbs = {k: source_bytes / 1e6 / v for k, v in med.items()}
+            config = {**base_config, "format": image_format}
+            extra = {"config": config, "results": results, "load_at_start": load_at_start}
+            record("shard_build", f"images_per_s_1worker_{image_format}", ips["ours_1"], ips["naive"], ips["ours_1"] / ips["naive"],
+                   "images/s (baseline: naive loop, Pillow's default encoder; ratio = ours/naive)", **extra)
+            record("shard_build", f"source_MB_per_s_1worker_{image_format}", mbs["ours_1"], mbs["naive"], mbs["ours_1"] / mbs["naive"],
+                   "source MB/s (baseline: naive loop)", **extra)
+            naive_mb, ours_mb = out_bytes["naive"] / len(files) / 1e6, out_bytes["ours_1"] / len(files) / 1e6
+            record("shard_build", f"output_MB_per_image_{image_format}", ours_mb, naive_mb, ours_mb / naive_mb,
+                   "MB per stored sample in the tars (ratio = ours/naive: size cost of our encoder)", **extra)
+            breakdown = per_image_ms(files[: args.breakdown_count], spec, max(2, args.reps - 1))
+            extra["config"] = {**config, "breakdown_count": min(args.breakdown_count, len(files))}
+            for src, ms in sorted(breakdown.items()):
+                record("shard_build", f"ms_per_image_{src}_source_{image_format}", ms["ours"], ms["naive"], ms["naive"] / ms["ours"],
+                       "ms/image in-process (baseline: naive, Pillow's default encoder; ratio = naive/ours)", **extra)
+                if image_format == "png":  # for jpg/webp the naive encoder already is ours
+                    record("shard_build", f"ms_per_image_{src}_source_{image_format}_same_encoder", ms["ours"], ms["naive_same_encoder"],
+                           ms["naive_same_encoder"] / ms["ours"], "ms/image in-process (baseline: naive with our encoder; ratio = naive/ours)", **extra)
+    shutil.rmtree(cache / "tmp", ignore_errors=True)
 
 
 if __name__ == "__main__":
