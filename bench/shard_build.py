@@ -14,7 +14,7 @@ Phases, each recorded with the machine load (`load` at the record, `load_at_star
 - per_core: naive vs ours with 1 worker (in-process), repetitions interleaved (naive, ours, naive, …) so
   load drift hits both alike; medians. The ratio is what the issue calls "per core".
 - scaling: ours with 1 vs 2 worker processes, interleaved. Two workers on a 2-core machine only mean
-  something when nothing else runs, so this phase first waits (polling every 30 s, up to --wait-quiet s)
+  something when nothing else runs, so this phase first waits (polling every 30 s, up to --wait-quiet s, e.g. 1200)
   for the 1-minute load average to drop below --quiet-load, and records whether it did (`quiet`). It runs
   first when both phases are asked for, so our own per-core runs do not hold the load up.
 Results are appended to bench/results.jsonl (bench/common.record); BENCHMARKS.md is rendered by bench/report.py.
@@ -159,7 +159,8 @@ def main() -> None:
     ap.add_argument("--scaling-format", default="png", help="stored format for the scaling phase (png is the default of prep shards)")
     ap.add_argument("--phases", default="scaling,per_core", help="comma-separated: scaling, per_core")
     ap.add_argument("--quiet-load", type=float, default=0.7, help="1-min load average below which the machine counts as quiet")
-    ap.add_argument("--wait-quiet", type=float, default=1200, help="longest wait (s) for a quiet machine before the scaling phase")
+    ap.add_argument("--wait-quiet", type=float, default=0, help="longest wait (s) for a quiet machine before the scaling phase "
+                    "(default 0, so run_all never stalls; the record says whether it was quiet)")
     ap.add_argument("--shard-size", type=int, default=4)
     ap.add_argument("--cache", default=str(REPO / ".cache" / "bench_shard_build"), help="corpus cache directory")
     ap.add_argument("--results", default=str(REPO / "bench" / "results.jsonl"))
