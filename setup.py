@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "scikit-image==0.26.0",
     "pillow>=11",
     "matplotlib>=3.9",
+    "psutil>=5.9",  # finding the Ray Train workers a process started (demo, preemption), by PID ancestry
 ]
 
 setup(

@@ -26,6 +26,8 @@ TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from orchestration.processes import train_workers  # noqa: E402,F401  (bench modules call common.train_workers)
+
 
 # ----------------------------------------------------------------------------------------------- environment
 
@@ -141,20 +143,6 @@ def tiny_config(data: str, storage: Path, name: str, overrides: Iterable[str] = 
 
     return load_config(str(TINY_CONFIG), [f"data.path={data}", f"run.storage={storage}", f"run.name={name}",
                                           *overrides])
-
-
-def train_workers() -> list[Any]:
-    """Ray Train worker processes under this process (only what this benchmark started)."""
-    import psutil
-
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
 
 
 class RSSPoller(threading.Thread):

@@ -205,14 +205,9 @@ class RayNode:
             return []
 
     def train_worker_pids(self) -> list[int]:
-        out = []
-        for pid in self.pids():
-            try:
-                if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
-                    out.append(pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return out
+        from orchestration.processes import train_workers
+
+        return [p.pid for p in train_workers(self.pid)]
 
     def kill(self, sig: int = signal.SIGKILL) -> list[int]:
         """Terminate the whole node: the `ray start` process, its raylet and every worker under it, by PID."""

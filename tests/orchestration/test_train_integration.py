@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestration.processes import train_workers
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,15 +78,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def _train_workers() -> list[psutil.Process]:
     """Ray Train worker processes under this test process (never anything it did not start)."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if "RayTrainWorker" in " ".join(_cmdline(p))]
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return []
+    return train_workers()
 
 
 class Killer(threading.Thread):
