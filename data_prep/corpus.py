@@ -25,6 +25,49 @@ def photo(name: str) -> np.ndarray:
     return arr[0] if isinstance(arr, tuple) else arr
 
 
+# The 20 photos the bundled tiny base (assets/tiny_base/) was trained on: the 16 above plus 4 more in the wheel.
+BASE_PHOTOS = RGB_PHOTOS + GRAY_PHOTOS + ("stereo_motorcycle", "logo", "cell", "text")
+BASE_RESOLUTION = 128  # the bundled base's training crops are 128×128
+
+
+def photo_crop(name: str, resolution: int = BASE_RESOLUTION) -> np.ndarray:
+    """A bundled photo as the bundled base saw it: uint8 (resolution, resolution, 3); short side resized to
+    `resolution` (Lanczos), centre crop, grey copied to 3 channels, boolean images as 0/255, RGBA composited on white."""
+    arr = photo(name)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    im = Image.fromarray(arr)
+    if im.mode == "RGBA":  # logo: composite on white
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    im = im.convert("RGB")
+    w, h = im.size
+    k = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * k)), max(resolution, round(h * k))), Image.Resampling.LANCZOS)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return np.asarray(im.crop((left, top, left + resolution, top + resolution))).copy()
+
+
+def base_caption(name: str) -> str:
+    """The caption the bundled base was trained with: the photo's name with spaces (`hubble deep field`)."""
+    return name.replace("_", " ")
+
+
+def build_base_corpus(root: str | os.PathLike, resolution: int = BASE_RESOLUTION) -> list[str]:
+    """The bundled base's training set as an image directory: `{i:02d}_{name}.png` crops (lossless, so `prep shards
+    --resolution 128` stores them pixel for pixel) with `.txt` captions; returns the image paths, in BASE_PHOTOS order."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, name in enumerate(BASE_PHOTOS):
+        rel = f"{i:02d}_{name}.png"
+        Image.fromarray(photo_crop(name, resolution)).save(root / rel, "PNG")
+        (root / f"{i:02d}_{name}.txt").write_text(base_caption(name) + "\n", encoding="utf-8")
+        out.append(rel)
+    return out
+
+
 def _save(path: Path, im: Image.Image, fmt: str, **kw: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, fmt, **kw)

@@ -29,11 +29,11 @@ from asymflow.latents import LATENT_PATCH, decode_latents, encode_latents  # noq
 from asymflow.patching import image_position_ids, pack, patchify_grid, text_position_ids, unpack  # noqa: E402
 from asymflow.text import encode_prompts  # noqa: E402
 from asymflow.tiny import TINY_MAX_LENGTH, TINY_TEXT_LAYERS  # noqa: E402
-from data_prep.corpus import GRAY_PHOTOS, RGB_PHOTOS, photo  # noqa: E402
+from data_prep.corpus import BASE_PHOTOS, BASE_RESOLUTION, base_caption, photo_crop  # noqa: E402
 
 # The 16 named photos of data_prep plus 4 more that ship in the scikit-image wheel (no downloads).
-PHOTOS = RGB_PHOTOS + GRAY_PHOTOS + ("stereo_motorcycle", "logo", "cell", "text")
-RESOLUTION = 128
+PHOTOS = BASE_PHOTOS
+RESOLUTION = BASE_RESOLUTION
 
 VAE_CONFIG = dict(
     block_out_channels=(16, 32, 64, 64),  # 8× down; (32, 64, 64, 64) is ~6× slower per step at 128 px
@@ -64,29 +64,13 @@ SAMPLE_SEED, SAMPLE_STEPS = 0, 20
 
 
 def caption(name: str) -> str:
-    return name.replace("_", " ")
+    return base_caption(name)
 
 
 def load_photos() -> torch.Tensor:
     """The photos as 128×128 centre crops (short side resized to 128) in [−1,1]: [N,3,128,128]; grey → 3 channels."""
-    out = []
-    for name in PHOTOS:
-        arr = photo(name)
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8) * 255
-        im = Image.fromarray(arr)
-        if im.mode == "RGBA":  # logo: composite on white
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
-        w, h = im.size
-        k = RESOLUTION / min(w, h)
-        im = im.resize((max(RESOLUTION, round(w * k)), max(RESOLUTION, round(h * k))), Image.Resampling.LANCZOS)
-        w, h = im.size
-        left, top = (w - RESOLUTION) // 2, (h - RESOLUTION) // 2
-        im = im.crop((left, top, left + RESOLUTION, top + RESOLUTION))
-        out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0)
-    return torch.stack(out)
+    crops = [torch.from_numpy(photo_crop(name, RESOLUTION)).permute(2, 0, 1) for name in PHOTOS]
+    return torch.stack(crops).float() / 127.5 - 1.0
 
 
 def cosine_lr(step: int, horizon: int, peak: float, final: float, warmup: int) -> float:
