@@ -11,7 +11,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-unit demo bench clean
+.PHONY: install test test-unit demo demo-long bench clean
 
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ test-unit: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m orchestration.demo --output demo-output
 
+# Longer fine-tuning of the same demo (~30-60 min on 2 cores): does the pixel model beat the autoencoder's PSNR?
+demo-long: $(STAMP)
+	$(PY) -m orchestration.demo --long --output demo-long-output
+
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output demo-long-output .pytest_cache

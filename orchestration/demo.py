@@ -1,8 +1,17 @@
-"""`make demo`: the whole mission on the embedded default — bundled photos → shards → cache → subspace →
-Ray + DeepSpeed ZeRO-3 training with one injected SIGTERM preemption → export → samples, loss curve, summary.
+"""`make demo`: what AsymFlow is for, at toy scale on a CPU — the latent model's autoencoder blur, and the pixel-space
+conversion that fine-tuning lifts past it, measured.
 
-Every stage runs the same `asymflow` commands a user would type (as subprocesses), so the demo exercises
-the real CLI. The default models are tiny and randomly initialised: the images show the mechanics, not quality.
+Stages: the 20 photos the bundled base was trained on (128×128 centre crops, captions = photo names) → shards →
+cached latents/text → subspace fit (B, s) → Ray + DeepSpeed ZeRO-3 fine-tuning of the converted model with one
+injected SIGTERM preemption → export of the EMA adapter → `compare.png` + `metrics.json` (orchestration.compare):
+per photo the original, the latent model's sample decoded by its autoencoder, the converted pixel model at step 0
+(checked to equal s·B·(latent sample)) and after fine-tuning, with PSNR/SSIM against the photos and the
+autoencoder-reconstruction ceiling.
+
+The base (`model: {kind: bundled}`, configs/demo.yaml) is the tiny FLUX.2-style latent generator in
+assets/tiny_base/ (see its MODEL_CARD.md): it memorises these 20 photos, it is not a general image model.
+Every stage runs the `asymflow` commands a user would type (as subprocesses), so the demo exercises the real CLI.
+`--long` fine-tunes for longer (`make demo-long`, ~30–60 min on 2 cores).
 """
 from __future__ import annotations
 
@@ -18,7 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+LONG_STEPS, LONG_CHECKPOINT_EVERY = 5000, 500  # `--long`
 WORKER_MARK = "RayTrainWorker"  # Ray's process title of a Ray Train worker actor
 
 
@@ -95,76 +105,54 @@ def plot_loss(run_dir: Path, out: Path) -> list[dict]:
     ax.set_ylabel("AsymFlowVR loss")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title("tiny demo run (random-init models)")
+    ax.set_title("fine-tuning the converted bundled base")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return [by_step[s] for s in steps]
 
 
-def render_samples(config: Path, adapter: Path, data: Path, out: Path, size: int, steps: int) -> None:
-    """samples.png: per caption, the converted model at initialisation (left) and the exported EMA model (right)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from asymflow.components import BaseModelConfig, load_base_components
-    from asymflow.convert import convert_transformer
-    from asymflow.export import load_adapter
-    from asymflow.pipeline import AsymFlux2KleinPipeline
-    from asymflow.scheduler import FlowAdapterScheduler
-    from asymflow.subspace import SubspaceArtifact
-    from data_prep.run_config import load_model_config
-
-    cfg: BaseModelConfig = load_model_config(config)
-    parts = load_base_components(cfg)
-    artifact = SubspaceArtifact.load(data / "subspace.safetensors", patch_size=16)
-    models = {
-        "init": convert_transformer(parts.transformer, artifact.basis, artifact.scale),
-        "trained": load_adapter(adapter, parts.transformer),
-    }
-    captions = [json.loads(line)["caption"] for line in (data / "demo_captions.jsonl").read_text().splitlines()][:4]
-    columns = []
-    for name, model in models.items():
-        pipe = AsymFlux2KleinPipeline(model.eval(), FlowAdapterScheduler(), parts.text_encoder, parts.tokenizer,
-                                      text_hidden_layers=cfg.text_hidden_layers,
-                                      max_sequence_length=cfg.max_sequence_length)
-        images = pipe(captions, height=size, width=size, num_inference_steps=steps,
-                      generator=torch.Generator().manual_seed(0), output_type="np", progress=False).images
-        columns.append(np.concatenate(list(images), axis=0))  # stack prompts vertically
-    grid = (np.concatenate(columns, axis=1) * 255).round().clip(0, 255).astype("uint8")
-    Image.fromarray(grid).save(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="demo-output", help="everything goes here [demo-output]")
-    parser.add_argument("--steps", type=int, default=24, help="training steps [24]")
-    parser.add_argument("--resolution", type=int, default=128, help="bucket area ≈ N² for the shards [128]")
+    parser.add_argument("--output", default=None, help="everything goes here [demo-output, demo-long-output with --long]")
+    parser.add_argument("--long", action="store_true",
+                        help=f"longer fine-tuning: {LONG_STEPS} steps, checkpoint every {LONG_CHECKPOINT_EVERY}")
+    parser.add_argument("--steps", type=int, default=None, help="training steps [configs/demo.yaml: 400; --long: "
+                        f"{LONG_STEPS}]")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DeepSpeed ZeRO-3 ranks) [2]")
     parser.add_argument("--preempt-at", type=int, default=None, help="SIGTERM one worker after this step [steps/2]")
-    parser.add_argument("--sample-steps", type=int, default=8, help="sampler steps for samples.png [8]")
+    parser.add_argument("--sample-steps", type=int, default=20, help="Euler steps for every compare.png column [20]")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed shared by every compare.png column [0]")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override passed to `asymflow train` (repeatable)")
     parser.add_argument("--base-model", default=None,
-                        help="a local FLUX.2 klein diffusers directory to convert instead of the tiny in-code model")
+                        help="a local FLUX.2 klein diffusers directory to convert instead of the bundled tiny base")
     args = parser.parse_args(argv)
 
-    out = (REPO / args.output).resolve() if not Path(args.output).is_absolute() else Path(args.output)
+    import yaml
+
+    output = args.output or ("demo-long-output" if args.long else "demo-output")
+    out = (REPO / output).resolve() if not Path(output).is_absolute() else Path(output)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     corpus, data, storage, log = out / "corpus", out / "data", out / "runs", out / "demo.log"
     run_dir = storage / "demo"
-    config = str(TINY_CONFIG)
-    if args.base_model:  # same stages, the real model: a copy of the tiny config with its `model:` section replaced
-        import yaml
-
-        doc = yaml.safe_load(TINY_CONFIG.read_text())
+    doc = yaml.safe_load(DEMO_CONFIG.read_text())
+    steps = args.steps or (LONG_STEPS if args.long else int(doc["train"]["steps"]))
+    overrides = list(args.set)
+    if args.long:
+        overrides.append(f"checkpoint.every={LONG_CHECKPOINT_EVERY}")
+    config = str(DEMO_CONFIG)
+    if args.base_model:  # same stages, the real model: a copy of the demo config with its `model:` section replaced
         doc["model"] = {"kind": "diffusers", "path": str(Path(args.base_model).resolve()),
                         "text_hidden_layers": [9, 18, 27], "max_sequence_length": 512, "dtype": "bfloat16"}
         config = str(out / "config.yaml")
         Path(config).write_text(yaml.safe_dump(doc, sort_keys=False))
-    print("asymflow demo: the default base model is a TINY, RANDOMLY INITIALISED FLUX.2-klein-shaped transformer "
-          "(with a tiny VAE and text encoder) built in code — the images show the mechanics, not quality.\n", flush=True)
+    else:
+        print("asymflow demo: the base is the BUNDLED TINY FLUX.2-style latent model (assets/tiny_base/, 6.4 M + 1.0 M "
+              "parameters) trained on the 20 photos used here — a toy that memorises them, not a general image model.\n",
+              flush=True)
 
     timings: dict[str, float] = {}
 
@@ -178,32 +166,37 @@ def main(argv: list[str] | None = None) -> int:
             timings[name] = round(time.perf_counter() - start, 2)
 
     with stage("corpus"):
-        from data_prep.corpus import build_clean_corpus
+        from data_prep.corpus import BASE_RESOLUTION, build_base_corpus
 
-        files = build_clean_corpus(corpus)
-        print(f"{len(files)} photos from scikit-image's bundled data in {corpus}")
+        files = build_base_corpus(corpus)
+        print(f"{len(files)} photos from scikit-image's bundled data, {BASE_RESOLUTION}² centre crops, in {corpus}")
     with stage("prep_shards"):
-        asymflow("prep", "shards", str(corpus), str(data), "--resolution", str(args.resolution),
+        asymflow("prep", "shards", str(corpus), str(data), "--resolution", str(BASE_RESOLUTION),
                  "--shard-size", "4", "--no-progress")
     with stage("prep_cache"):
         asymflow("prep", "cache", str(data), "--config", config)
     with stage("prep_subspace"):
         asymflow("prep", "subspace", str(data), "--config", config)
-    captions = [{"caption": (corpus / Path(f).with_suffix(".txt")).read_text().strip()} for f in files]
-    (data / "demo_captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
 
-    preempt_at = args.preempt_at if args.preempt_at is not None else max(1, args.steps // 2)
+    preempt_at = args.preempt_at if args.preempt_at is not None else max(1, steps // 2)
     with stage("train"):
         train_args = ["train", config, "--data", str(data), "--storage", str(storage), "--name", "demo",
-                      "--steps", str(args.steps), "--workers", str(args.workers)]
+                      "--steps", str(steps), "--workers", str(args.workers)]
+        for item in overrides:
+            train_args += ["--set", item]
         preemption = train_with_preemption(train_args, run_dir, preempt_at, log)
     with stage("export"):
         adapter = out / "adapter"
         asymflow("export", str(run_dir), "--out", str(adapter))
-    with stage("samples"):
-        render_samples(Path(config), adapter, data, out / "samples.png", size=args.resolution, steps=args.sample_steps)
+    with stage("compare"):
+        from orchestration.artifacts import resolve_checkpoint
+        from orchestration.compare import compare_checkpoint, format_table
+
+        compared = compare_checkpoint(resolve_checkpoint(str(run_dir)), out, steps=args.sample_steps, seed=args.seed)
+        print(format_table(compared))
     metrics = plot_loss(run_dir, out / "loss.png")
     state = json.loads((Path(sorted((run_dir / "checkpoints").glob("step-*"))[-1]) / "state.json").read_text())
+    check = compared["step0_check"]
     summary = {
         "steps": state["step"],
         "steps_lost_to_preemption": state.get("steps_lost"),
@@ -211,12 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         "preemption": preemption["preempted"],
         "first_loss": metrics[0]["loss"] if metrics else None,
         "last_loss": metrics[-1]["loss"] if metrics else None,
+        "psnr_db": {k: v["mean"] for k, v in compared["psnr"].items()},
+        "ssim": {k: v["mean"] for k, v in compared["ssim"].items()},
+        "finetuned_exceeds_ae_ceiling_psnr": compared["finetuned_exceeds_ae_ceiling_psnr"],
+        "step0_matches_sB_latent_sample": check["ok"],
         "wall_seconds": timings,
-        "artifacts": {k: str(out / k) for k in ("samples.png", "loss.png", "adapter", "runs/demo")},
-        "note": "tiny randomly initialised base model: images show the mechanics, not quality",
+        "artifacts": {k: str(out / k) for k in ("compare.png", "metrics.json", "loss.png", "adapter", "runs/demo")},
+        "command": "python -m orchestration.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n== summary ==\n" + json.dumps(summary, indent=2))
+    if not check["ok"]:
+        raise SystemExit(f"demo: the step-0 column is not s·B·(latent sample) within tolerance: {check}")
     return 0
 
 
