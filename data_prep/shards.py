@@ -102,6 +102,7 @@ class ChunkResult:
     tar_sha256: str
     elapsed_s: float = 0.0
     image_bytes: int = field(default=0)  # encoded image payload written, for MB/s reporting
+    cpu_s: float = 0.0  # CPU seconds of the building process: wall/CPU per chunk tells load from contention
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -135,7 +136,7 @@ def _sample_meta(key: str, item: InputItem, out: ProcessedImage, digest: str, ex
 
 def build_chunk(task: ChunkTask, progress: Progress | None = None) -> ChunkResult:
     """Worker side: read, dedupe within the chunk, process and write each input of one chunk into a temp tar."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     fs, tmp_path = _fs(task.tmp_url)
     outcomes: list[InputOutcome] = []
     first_seen: dict[str, str] = {}
@@ -175,7 +176,7 @@ def build_chunk(task: ChunkTask, progress: Progress | None = None) -> ChunkResul
             if progress is not None:
                 progress(1)
         tar_bytes, tar_sha = writer.close()
-    return ChunkResult(task.chunk, task.tmp_url, outcomes, tar_bytes, tar_sha, time.perf_counter() - t0, image_bytes)
+    return ChunkResult(task.chunk, task.tmp_url, outcomes, tar_bytes, tar_sha, time.perf_counter() - t0, image_bytes, time.process_time() - cpu0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -266,6 +267,7 @@ class BuildReport:
     seconds: float = 0.0
     built_inputs: int = 0  # inputs processed in this run (not resumed from done records)
     image_bytes: int = 0
+    worker_cpu_s: float = 0.0  # CPU seconds spent building chunks, summed over workers (bench/shard_build.py)
 
 
 class _Committer:
@@ -461,6 +463,7 @@ def build_shards(
                 assert result.chunk == task.chunk
                 record = committer.commit(task, result)
                 report.image_bytes += result.image_bytes
+                report.worker_cpu_s += result.cpu_s
                 bar.set_postfix(shards=f"{c + 1}/{num_chunks}", refresh=False)
             records.append(record)
     except StrictSkip as e:
