@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--breakdown-count", type=int, default=16, help="images in the in-process per-image breakdown (first N of the corpus)")
     ap.add_argument("--formats", default="png,jpg", help="stored formats for the per-core phase")
-    ap.add_argument("--scaling-format", default="png", help="stored format for the scaling phase (png is the default of prep shards)")
+    ap.add_argument("--scaling-format", default="png", help="stored format(s) for the scaling phase, comma-separated (png is the default of prep shards)")
     ap.add_argument("--phases", default="scaling,per_core", help="comma-separated: scaling, per_core")
     ap.add_argument("--quiet-load", type=float, default=0.7, help="1-min load average below which the machine counts as quiet")
     ap.add_argument("--wait-quiet", type=float, default=0, help="longest wait (s) for a quiet machine before the scaling phase "
@@ -195,28 +195,29 @@ def main() -> None:
 
     if "scaling" in phases:
         quiet = wait_quiet(args.quiet_load, args.wait_quiet)
-        load_at_start = load()
-        spec = ImageSpec(buckets=make_buckets(args.resolution), format=args.scaling_format)  # type: ignore[arg-type]
-        med, cpu, _ = interleaved({f"ours_{w}": (lambda out, w=w: ours_build(corpus, out, spec, args.shard_size, w)) for w in (1, 2)},
-                                  files, args.reps, cache, f"scaling {args.scaling_format}")
-        ips = {k: len(files) / v for k, v in med.items()}
-        note = "quiet machine" if quiet else f"machine never quiet (1-min load ≥ {args.quiet_load}) within {args.wait_quiet:.0f}s: figure is load-bound"
-        if not quiet and autogroup_enabled():
-            note += "; sched_autogroup is on, so this session got ~1 core while others were busy (see cores_used)"
-        config = {**base_config, "format": args.scaling_format}
-        record("shard_build_scaling", f"images_per_s_2workers_{args.scaling_format}", ips["ours_2"], ips["ours_1"], ips["ours_2"] / ips["ours_1"],
-               "images/s (ratio = 2 workers / 1 worker)", config=config, note=note, results=results, quiet=quiet, load_at_start=load_at_start)
-        record("shard_build_scaling", f"source_MB_per_s_2workers_{args.scaling_format}", source_bytes / 1e6 / med["ours_2"], source_bytes / 1e6 / med["ours_1"],
-               med["ours_1"] / med["ours_2"], "source MB/s (ratio = 2 workers / 1 worker)", config=config, note=note, results=results, quiet=quiet,
-               load_at_start=load_at_start)
-        # Load-independent view: CPU per image with 2 workers vs 1 (≈ 1: the work itself parallelises without
-        # contention or serialisation), and how many cores the 2-worker build actually got (CPU / wall).
-        record("shard_build_scaling", f"cpu_ms_per_image_2workers_{args.scaling_format}", cpu["ours_2"] / len(files) * 1e3, cpu["ours_1"] / len(files) * 1e3,
-               cpu["ours_2"] / cpu["ours_1"], "CPU ms/image, driver + workers (ratio = 2 workers / 1 worker; 1 = no parallel overhead)",
-               config=config, note=note, results=results, quiet=quiet, load_at_start=load_at_start)
-        record("shard_build_scaling", f"cores_used_2workers_{args.scaling_format}", cpu["ours_2"] / med["ours_2"], cpu["ours_1"] / med["ours_1"],
-               (cpu["ours_2"] / med["ours_2"]) / (cpu["ours_1"] / med["ours_1"]), "CPU s per wall s (baseline: 1 worker; 2 workers can use 2.0)",
-               config=config, note=note, results=results, quiet=quiet, load_at_start=load_at_start)
+        for fmt_name in args.scaling_format.split(","):
+            load_at_start = load()
+            spec = ImageSpec(buckets=make_buckets(args.resolution), format=fmt_name)  # type: ignore[arg-type]
+            med, cpu, _ = interleaved({f"ours_{w}": (lambda out, w=w: ours_build(corpus, out, spec, args.shard_size, w)) for w in (1, 2)},
+                                      files, args.reps, cache, f"scaling {fmt_name}")
+            ips = {k: len(files) / v for k, v in med.items()}
+            note = "quiet machine" if quiet else f"machine never quiet (1-min load ≥ {args.quiet_load}) within {args.wait_quiet:.0f}s: figure is load-bound"
+            if not quiet and autogroup_enabled():
+                note += "; sched_autogroup is on, so this session got ~1 core while others were busy (see cores_used)"
+            config = {**base_config, "format": fmt_name}
+            record("shard_build_scaling", f"images_per_s_2workers_{fmt_name}", ips["ours_2"], ips["ours_1"], ips["ours_2"] / ips["ours_1"],
+                   "images/s (ratio = 2 workers / 1 worker)", config=config, note=note, results=results, quiet=quiet, load_at_start=load_at_start)
+            record("shard_build_scaling", f"source_MB_per_s_2workers_{fmt_name}", source_bytes / 1e6 / med["ours_2"], source_bytes / 1e6 / med["ours_1"],
+                   med["ours_1"] / med["ours_2"], "source MB/s (ratio = 2 workers / 1 worker)", config=config, note=note, results=results, quiet=quiet,
+                   load_at_start=load_at_start)
+            # Load-independent view: CPU per image with 2 workers vs 1 (≈ 1: the work itself parallelises without
+            # contention or serialisation), and how many cores the 2-worker build actually got (CPU / wall).
+            record("shard_build_scaling", f"cpu_ms_per_image_2workers_{fmt_name}", cpu["ours_2"] / len(files) * 1e3, cpu["ours_1"] / len(files) * 1e3,
+                   cpu["ours_2"] / cpu["ours_1"], "CPU ms/image, driver + workers (ratio = 2 workers / 1 worker; 1 = no parallel overhead)",
+                   config=config, note=note, results=results, quiet=quiet, load_at_start=load_at_start)
+            record("shard_build_scaling", f"cores_used_2workers_{fmt_name}", cpu["ours_2"] / med["ours_2"], cpu["ours_1"] / med["ours_1"],
+                   (cpu["ours_2"] / med["ours_2"]) / (cpu["ours_1"] / med["ours_1"]), "CPU s per wall s (baseline: 1 worker; 2 workers can use 2.0)",
+                   config=config, note=note, results=results, quiet=quiet, load_at_start=load_at_start)
 
     if "per_core" in phases:
         for image_format in args.formats.split(","):
