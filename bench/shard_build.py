@@ -33,8 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet  # noqa: F401  (imported lazily by build_shards' finalize: not inside a timed run)
-import webdataset as wds  # imports torch (~2 s): done here, not inside the first timed naive run
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,6 +70,7 @@ def naive_image(data: bytes, spec: ImageSpec, same_encoder: bool = False) -> tup
 
 
 def naive_build(files: list[Path], out_dir: Path, spec: ImageSpec, shard_size: int) -> tuple[int, float]:
+    import webdataset as wds  # already imported by main() before timing; never at module level (see main)
     written = 0
     with wds.ShardWriter(str(out_dir / "naive-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
         for i, path in enumerate(files):
@@ -138,9 +137,9 @@ def per_image_ms(files: list[Path], spec: ImageSpec, reps: int) -> dict[str, dic
 
 
 def autogroup_enabled() -> bool:
-    """With kernel.sched_autogroup_enabled, CPU is shared fairly between *sessions* first: while another session
-    has runnable work this one gets ~1 of 2 cores whatever its worker count (nice values of the other session's
-    processes do not change that), so a loaded box shows ~1.0x from 1 to 2 workers by construction."""
+    """With kernel.sched_autogroup_enabled, CPU is shared between *sessions* first: while another session keeps
+    a core busy, this one gets about 1 of 2 cores whatever its worker count (the other session's nice values do
+    not change that), so a loaded box can show ~1.0x from 1 to 2 workers; `cores_used` says what it got."""
     try:
         return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
     except OSError:
@@ -180,6 +179,13 @@ def main() -> None:
     ap.add_argument("--cache", default=str(REPO / ".cache" / "bench_shard_build"), help="corpus cache directory")
     ap.add_argument("--results", default=str(REPO / "bench" / "results.jsonl"))
     args = ap.parse_args()
+    # Warm imports outside the timed runs: webdataset pulls in torch (~2 s), build_shards' finalize pyarrow.parquet.
+    # Here, not at module level: every worker process of every pool re-imports this script as __mp_main__
+    # (multiprocessing does that for scripts run by path), and a torch import there cost each 2-worker build
+    # ~1 s of CPU per worker before its first chunk.
+    import pyarrow.parquet  # noqa: F401
+    import webdataset  # noqa: F401
+
     results = Path(args.results)
     cache = Path(args.cache)
     phases = args.phases.split(",")
@@ -203,7 +209,7 @@ def main() -> None:
             ips = {k: len(files) / v for k, v in med.items()}
             note = "quiet machine" if quiet else f"machine never quiet (1-min load ≥ {args.quiet_load}) within {args.wait_quiet:.0f}s: figure is load-bound"
             if not quiet and autogroup_enabled():
-                note += "; sched_autogroup is on, so this session got ~1 core while others were busy (see cores_used)"
+                note += "; sched_autogroup is on: while another session keeps a core busy this one gets ~1 core (cores_used says what it got)"
             config = {**base_config, "format": fmt_name}
             record("shard_build_scaling", f"images_per_s_2workers_{fmt_name}", ips["ours_2"], ips["ours_1"], ips["ours_2"] / ips["ours_1"],
                    "images/s (ratio = 2 workers / 1 worker)", config=config, note=note, results=results, quiet=quiet, load_at_start=load_at_start)
