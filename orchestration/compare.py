@@ -105,7 +105,7 @@ def compare_columns(parts, basis: torch.Tensor, scale: float, finetuned, images:
     from asymflow.objective import low_rank_twin
     from asymflow.oklab import oklab_decode
     from asymflow.parameterisation import calibrate
-    from asymflow.patching import pack, patchify, unpack
+    from asymflow.patching import patchify, unpack
     from asymflow.pipeline import sample_images
     from asymflow.scheduler import FlowAdapterScheduler
 
