@@ -37,17 +37,22 @@ def adapter_state_dict(
     state_dict: Mapping[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
 ) -> dict[str, torch.Tensor]:
-    """The exported tensors: `EXPORT_TENSORS` plus `<module>.lora_A.weight` / `.lora_B.weight` of one adapter.
+    """The exported tensors (spec §12: trainable tensors + buffers): `EXPORT_TENSORS`, every other parameter the
+    model trains in full (all of them under `trainable.mode: full`), and `<module>.lora_A.weight` /
+    `.lora_B.weight` of one adapter.
 
     `state_dict` (e.g. EMA weights, keys as in `pixel_model.state_dict()`, adapter names included) replaces the
     live weights; it must hold every trained tensor, while missing buffers are taken from the model (spec §9: the
-    EMA covers trainable parameters, buffers are copied). Only the config is read from the model in that case,
-    so it also works for a ZeRO-3 model whose parameters are partitioned.
+    EMA covers trainable parameters, buffers are copied). Only the config and which parameters require grad are
+    read from the model in that case, so it also works for a ZeRO-3 model whose parameters are partitioned.
     """
     source = dict(pixel_model.state_dict() if state_dict is None else state_dict)
     plain = {_strip_base_layer(name): t for name, t in source.items() if not _is_lora_key(name)}
+    # A fully trained tensor left out would silently revert to the latent base's re-projected weights on load.
+    trained = sorted({_strip_base_layer(name) for name, p in pixel_model.named_parameters()
+                      if p.requires_grad and not _is_lora_key(name)} - set(EXPORT_TENSORS))
     tensors: dict[str, torch.Tensor] = {}
-    for name in EXPORT_TENSORS:
+    for name in (*EXPORT_TENSORS, *trained):
         if name in plain:
             tensors[name] = plain[name]
         elif name in FP32_BUFFERS:

@@ -110,3 +110,20 @@ def test_rejects_mismatched_base(tmp_path, trained) -> None:
     export_adapter(trained, tmp_path)
     with pytest.raises(ValueError, match="num_layers"):
         load_adapter(tmp_path, build_tiny_transformer(num_layers=1))
+
+
+def test_full_fine_tune_exports_every_trained_tensor(tmp_path, latent) -> None:
+    """trainable.mode full: every parameter is trained, so every one is exported and a block weight moved by
+    training comes back on load (instead of the base's re-projected weight)."""
+    model = apply_trainable(convert_transformer(latent, random_basis(dtype=torch.float32), 0.7), "full")
+    with torch.no_grad():
+        model.transformer_blocks[0].attn.to_q.weight.add_(0.1)
+    model.eval()
+    export_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    assert set(tensors) == {n for n, _ in model.named_parameters()} | set(EXPORT_TENSORS)
+    assert torch.equal(outputs(load_adapter(tmp_path, latent)), outputs(model))
+    with pytest.raises(ValueError, match="transformer_blocks.0.attn.to_q.weight"):
+        export_adapter(model, tmp_path / "bad", state_dict={k: v for k, v in model.state_dict().items()
+                                                            if k != "transformer_blocks.0.attn.to_q.weight"})
+
