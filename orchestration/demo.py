@@ -26,10 +26,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from orchestration.processes import train_workers
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 LONG_STEPS, LONG_CHECKPOINT_EVERY = 5000, 500  # `--long`
-WORKER_MARK = "RayTrainWorker"  # Ray's process title of a Ray Train worker actor
 
 
 def asymflow(*args: str, log: Path | None = None, background: bool = False) -> subprocess.Popen | None:
@@ -44,20 +45,6 @@ def asymflow(*args: str, log: Path | None = None, background: bool = False) -> s
         raise SystemExit(f"demo: `asymflow {' '.join(args)}` failed with exit code {proc.returncode}"
                          + (f"; see {log}" if log else ""))
     return None
-
-
-def train_workers(driver_pid: int) -> list[int]:
-    """PIDs of the Ray Train worker processes started under this driver (the local Ray is its child)."""
-    import psutil
-
-    pids = []
-    for child in psutil.Process(driver_pid).children(recursive=True):
-        try:
-            if WORKER_MARK in " ".join(child.cmdline()):
-                pids.append(child.pid)
-        except psutil.Error:
-            continue
-    return sorted(pids)
 
 
 def steps_logged(run_dir: Path) -> int:
@@ -76,7 +63,7 @@ def train_with_preemption(args: list[str], run_dir: Path, preempt_at: int, log: 
     preempted = None
     while driver.poll() is None:
         if preempted is None and steps_logged(run_dir) >= preempt_at:
-            workers = train_workers(driver.pid)
+            workers = [p.pid for p in train_workers(driver.pid)]
             if workers:
                 os.kill(workers[-1], signal.SIGTERM)  # one worker only: the group must agree and checkpoint
                 preempted = {"step": steps_logged(run_dir), "pid": workers[-1], "time": time.time()}
