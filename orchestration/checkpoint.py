@@ -7,6 +7,7 @@ Uploads are retried with exponential backoff and fail with `StorageError` after 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -250,7 +251,12 @@ def local_checkpoint_copy(checkpoint: str) -> str:
     if is_local(checkpoint):
         return _fs(checkpoint)[1]
     fs, path = _fs(checkpoint)
-    local = os.path.join(tempfile.gettempdir(), "asymflow-restore", checkpoint.replace("://", "_").replace("/", "_"))
+    # Keyed by URL *and* the checkpoint's state.json: the same URL can name another checkpoint later (a run deleted
+    # and restarted under the same name, another bucket behind the same endpoint URL), and a stale copy would
+    # restore the wrong weights without any error.
+    fingerprint = hashlib.sha256(read_bytes(_join(checkpoint, STATE))).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "asymflow-restore",
+                         checkpoint.replace("://", "_").replace("/", "_") + "-" + fingerprint)
     if not os.path.exists(os.path.join(local, COMPLETE)):
         # Several ranks (and several Ray nodes sharing one /tmp) may download at once: each into its own folder,
         # then one atomic rename wins; a folder without COMPLETE is a torn download of an older attempt.

@@ -22,6 +22,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+READY_LINE = "will now block forever"  # what `ray start --block` prints once its node is registered and running
 
 
 def free_ports(n: int) -> list[int]:
@@ -180,6 +181,8 @@ class SeaweedS3:
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline",
+                # node registration took > 30 s (Ray's default wait) on a loaded 2-core CI machine
+                "RAY_raylet_start_wait_time_s": "120",
                 "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
                 "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
                 "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])})
@@ -249,7 +252,7 @@ class RayCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str], wait: float = 90.0) -> RayNode:
+    def _start(self, name: str, args: list[str], wait: float = 180.0) -> RayNode:
         log = self.root / f"{name}.log"
         ports = free_ports(8)
         # Worker nodes go through `python -m tests.orchestration.multinode_helpers start ...` (see `_ray_start_cli`).
@@ -264,7 +267,10 @@ class RayCluster:
                                 start_new_session=True)
         node = RayNode(name, proc, log)
         deadline = time.time() + wait
-        while not self._raylet_up(node):
+        # Ready = `ray start --block` got past registering the node with the GCS (it prints READY_LINE then). A
+        # raylet process alone is not enough: under load the registration can time out afterwards, `ray start`
+        # exits, and the cluster silently has one node fewer (a job then waits forever for its workers).
+        while READY_LINE not in log.read_text(errors="replace"):
             if proc.poll() is not None or time.time() > deadline:
                 node.kill()
                 raise RuntimeError(f"ray node {name} did not start:\n{log.read_text()[-3000:]}")

@@ -70,3 +70,23 @@ def test_fsspec_memory_storage():
     ckpt.commit_checkpoint(run, 2, keep=2)
     assert ckpt.complete_steps(run) == [2]
     assert ckpt.find_restore_point(run).state == {"step": 2}
+
+
+def test_restore_copy_of_a_url_follows_what_the_url_holds_now():
+    """A downloaded copy is reused only for the same checkpoint: a run recreated under the same URL (or another
+    store behind the same endpoint) must not restore the stale copy's weights."""
+    import fsspec
+
+    run = "memory://stale-copy/run"
+    fs = fsspec.filesystem("memory")
+    copies = []
+    for value in (1.0, 2.0):
+        if fs.exists("/stale-copy"):
+            fs.rm("/stale-copy", recursive=True)
+        staging = ckpt.begin_checkpoint(run, 2)
+        ckpt.save_tensors(f"{staging}/{ckpt.TRAINABLE}", {"w": torch.full((2,), value)})
+        ckpt.write_state(f"{staging}/{ckpt.STATE}", {"step": 2, "time": value})
+        ckpt.commit_checkpoint(run, 2, keep=2)
+        copies.append(ckpt.local_checkpoint_copy(ckpt.checkpoint_dir(run, 2)))
+        assert torch.equal(ckpt.load_tensors(f"{copies[-1]}/{ckpt.TRAINABLE}")["w"], torch.full((2,), value))
+    assert copies[0] != copies[1]

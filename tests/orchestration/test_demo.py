@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, SAMPLE_STEPS, SEED = 6, 8, 0
+STEPS, SAMPLE_STEPS, SEED = 8, 8, 0
 TILE, LABEL, GAP, ROWS = 128, 14, 8, 10  # compare.png: 128-px tiles, label strip, gap between blocks of 10 photos
 COLUMN_KEYS = ("ae_reconstruction", "latent", "pixel_init", "pixel_finetuned")
 
@@ -22,7 +22,7 @@ COLUMN_KEYS = ("ae_reconstruction", "latent", "pixel_init", "pixel_finetuned")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.demo", "--output", str(out), "--steps", str(STEPS), "--preempt-at", "3",
+        [sys.executable, "-m", "orchestration.demo", "--output", str(out), "--steps", str(STEPS), "--preempt-at", "2",
          "--sample-steps", str(SAMPLE_STEPS), "--seed", str(SEED)],
         cwd=REPO, capture_output=True, text=True, timeout=1200,
     )
@@ -37,7 +37,7 @@ def test_demo_pipeline_reduced(demo):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS
-    assert summary["preemption"] is not None and summary["preemption"]["step"] >= 3
+    assert summary["preemption"] is not None and summary["preemption"]["step"] >= 2
     assert summary["preemptions"] >= 1
     assert summary["steps_lost_to_preemption"] == 0  # SIGTERM: checkpoint at the agreed step boundary
     assert set(summary["wall_seconds"]) >= {"prep_shards", "prep_cache", "prep_subspace", "train", "export", "compare"}
