@@ -490,9 +490,10 @@ class Trainer:
             return []
         ledger = self.ledger_events()
         restored = restore.state if restore is not None else None
+        lost_total = self.steps_lost_total(restore.step if restore is not None else 0)  # reads the key log once
         if restored is None:
             start = next((e for e in reversed(ledger) if e.get("kind") == "start"), None)
-            if start is None or not self.steps_lost_total(0):
+            if start is None or not lost_total:
                 self.wandb_id = f"{self.cfg.run.name}-{derive_seed(int(now * 1e6)) % 10**8:08d}"
                 self.goodput.start(now)
                 self.append_to_ledger("start", wandb_run_id=self.wandb_id, run_start_time=now)
@@ -500,7 +501,7 @@ class Trainer:
             self.wandb_id = start["wandb_run_id"]  # killed before its first checkpoint: same run, from step 0
             restored = {"step": 0, "time": start["run_start_time"], "preempted": False}
         earlier = [e for e in ledger if e.get("kind") == "interruption" and e.get("wandb_run_id") == self.wandb_id]
-        event = self.goodput.resume(restored, now, self.steps_lost_total(int(restored["step"])), earlier)
+        event = self.goodput.resume(restored, now, lost_total, earlier)
         event.update(world_size=self.world_size, wandb_run_id=self.wandb_id)
         self.append_to_ledger("interruption", **event)
         self.log_line(f"interruption #{event['interruption']}: resumed at step {event['step']}, "
