@@ -159,6 +159,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         `Flux2Transformer2DModelOutput(sample=...)` with return_dict=True.
         The recovery clamp σ_min is 1e-6 in training mode and `config.sigma_min` in eval mode (spec §3.5);
         "x0" uses the division-free form x̂_0 = s·k·P(x_t − σ·û_a) − s·P⊥û_a.
+        Under an autocast context only `_backbone` (the blocks) autocasts; calibration and recovery stay fp32.
         """
         if prediction not in ("velocity", "x0"):
             raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
@@ -178,19 +179,17 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         tokens = patchify(x_t.to(dtype), p, "channel_first")  # [B,N,D]; checks H, W divisible by p
         k, sigma_cal = calibrate(sigma, scale)
 
-        model_dtype = self.dtype
         if txt_ids is None:
             txt_ids = text_position_ids(encoder_hidden_states.shape[1], device=x_t.device)
-        u_a = super().forward(
-            hidden_states=(k.view(batch, 1, 1) * tokens).to(model_dtype),
-            encoder_hidden_states=encoder_hidden_states.to(model_dtype),
-            timestep=sigma_cal,
-            img_ids=image_position_ids(height // p, width // p, device=x_t.device),
-            txt_ids=txt_ids,
+        u_a = self._backbone(
+            (k.view(batch, 1, 1) * tokens),
+            encoder_hidden_states,
+            sigma_cal,
+            image_position_ids(height // p, width // p, device=x_t.device),
+            txt_ids,
             guidance=guidance,
             joint_attention_kwargs=joint_attention_kwargs,
-            return_dict=False,
-        )[0]
+        )
 
         # validate=False: a non-finite network output must reach the trainer's skip logic, not raise here.
         if prediction == "velocity":
@@ -200,6 +199,32 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
             out = recover_x0(u_a, tokens, sigma, basis, scale, validate=False)
         image = unpatchify(out, p, height, width, "channel_first")
         return Flux2Transformer2DModelOutput(sample=image) if return_dict else image
+
+    def _backbone(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        sigma_cal: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """û_a = F(y, σ̃) [B,N,D]: the FLUX.2 blocks on calibrated pixel tokens y = k·x_t, in the model dtype.
+
+        The only part of the forward that runs under the caller's autocast context (spec §3.4a).
+        """
+        model_dtype = self.dtype
+        return super().forward(
+            hidden_states=hidden_states.to(model_dtype),
+            encoder_hidden_states=encoder_hidden_states.to(model_dtype),
+            timestep=sigma_cal,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            joint_attention_kwargs=joint_attention_kwargs,
+            return_dict=False,
+        )[0]
 
     def predict_x0(
         self, x_t: torch.Tensor, sigma: torch.Tensor | float, encoder_hidden_states: torch.Tensor, **kwargs: Any

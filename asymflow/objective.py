@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .oklab import oklab_decode, oklab_encode
 from .patching import pack, patchify_unpacked_channels, unpatchify, unpatchify_unpacked_channels
 from .perceptual import ImageDistance
+from .precision import fp32_algebra
 from .timesteps import TimestepSampler
 
 
@@ -36,6 +37,7 @@ class AsymFlowVRConfig(BaseModel):
         return self
 
 
+@fp32_algebra
 def vr_coefficient(d_full: torch.Tensor, d_low: torch.Tensor, patch_size: int, eps: float = 1e-4) -> torch.Tensor:
     """Per-(sample, channel, patch) least-squares regression of the student error on the teacher error.
 
@@ -63,6 +65,7 @@ def loss_shift_ratio(sigma: torch.Tensor, loss_shift: float | None = 0.3) -> tor
     return signal / (signal + (loss_shift * sigma) ** 2)
 
 
+@fp32_algebra
 def vr_target(x_0: torch.Tensor, d_low: torch.Tensor, lam: torch.Tensor, rho: torch.Tensor, patch_size: int) -> torch.Tensor:
     """VR regression target x̃_0 = x_0 − (1 − ρ)·unpatchify(λ ⊙ d_low) (spec §8 step 8).
 
@@ -78,6 +81,7 @@ def perceptual_gate(lam: torch.Tensor, patch_size: int) -> torch.Tensor:
     return g.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
 
 
+@fp32_algebra
 def low_rank_twin(latents: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor | float, patch_size: int) -> torch.Tensor:
     """x_0^low = unpatchify_p( s · pack(z) @ Bᵀ ) (spec §8 step 2), fp32.
 

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .precision import fp32_algebra
+
 M1 = (
     (0.4122214708, 0.5363325363, 0.0514459929),
     (0.2119034982, 0.6806995451, 0.1073969566),
@@ -48,6 +50,7 @@ def _check_image(img: torch.Tensor) -> None:
         raise ValueError(f"expected images [B,3,...], got shape {tuple(img.shape)}")
 
 
+@fp32_algebra
 def oklab_encode(img: torch.Tensor, mean: Sequence[float] = OKLAB_MEAN, std: float = OKLAB_STD) -> torch.Tensor:
     """sRGB image in [−1,1] -> normalised Oklab (lab − mean)/std, same shape."""
     _check_image(img)
@@ -60,6 +63,7 @@ def oklab_encode(img: torch.Tensor, mean: Sequence[float] = OKLAB_MEAN, std: flo
     return (lab - m) / s
 
 
+@fp32_algebra
 def oklab_decode(x: torch.Tensor, mean: Sequence[float] = OKLAB_MEAN, std: float = OKLAB_STD) -> torch.Tensor:
     """Normalised Oklab -> sRGB image in [−1,1] (linear light clamped to [0,1])."""
     _check_image(x)

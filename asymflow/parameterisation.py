@@ -1,11 +1,14 @@
 """The AsymFlow parameterisation (spec §3): calibration, ideal output and analytic recovery of the velocity.
 
-All algebra runs in fp32, or fp64 when any input is fp64, whatever the dtype of the network output.
+All algebra runs in fp32, or fp64 when any input is fp64, whatever the dtype of the network output and whatever
+autocast context the caller is in (spec §3.4a; `asymflow.precision`).
 Tokens are packed channel-first patches [B,N,D]; the basis B is [D,r] with orthonormal columns.
 """
 from __future__ import annotations
 
 import torch
+
+from .precision import fp32_algebra
 
 SIGMA_MIN_TRAIN = 1e-6  # recovery clamp while the module is in training mode (spec §3.5)
 SIGMA_MIN_EVAL_FLUX2 = 1e-4  # recovery clamp in eval mode for AsymFLUX.2 (model config `sigma_min`)
@@ -30,6 +33,7 @@ def as_scale(scale: float | torch.Tensor, dtype: torch.dtype, device: torch.devi
     return s
 
 
+@fp32_algebra
 def calibrate(sigma: torch.Tensor | float, scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k(σ) = 1/(s + (1−s)σ) and calibrated time σ̃ = k·σ (= warp(σ; 1/s)); spec §3.2.
 
@@ -111,6 +115,7 @@ def _recovery_inputs(u_a, x_t, sigma, basis, scale, validate: bool):
     return u_a, x_t, basis, sig, s, k
 
 
+@fp32_algebra
 def recover_velocity(
     u_a: torch.Tensor,
     x_t: torch.Tensor,
@@ -138,6 +143,7 @@ def recover_velocity(
     return sub + comp
 
 
+@fp32_algebra
 def recover_x0(
     u_a: torch.Tensor,
     x_t: torch.Tensor,
@@ -155,6 +161,7 @@ def recover_x0(
     return s * k * project(x_t - sig * u_a, basis) - s * (u_a - u_a_sub)
 
 
+@fp32_algebra
 def ideal_output(x_0: torch.Tensor, eps: torch.Tensor, basis: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """The ideal network output u_a* = P·ε − x_0/s (spec §3.1), tokens [B,N,D]."""
     dtype = algebra_dtype(x_0, eps, basis)

@@ -350,6 +350,8 @@ class Trainer:
         return safe_get_local_fp32_param(param)
 
     def record_keys(self, step: int, keys: list[str]) -> None:
+            # bf16 autocast reaches the transformer blocks (and the perceptual network) only: the step's codec, twin,
+            # calibration and recovery switch it off themselves (asymflow.precision, spec §3.4a).
         """Gather every rank's keys in rank order (= the global batch order) and append one line (rank 0)."""
         gathered: list[list[str]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(gathered, keys)
