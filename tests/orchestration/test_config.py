@@ -75,6 +75,19 @@ def test_deepspeed_config_is_derived():
         build_deepspeed_config(cfg.train, world_size=3, use_gpu=False)
 
 
+def test_gpu_deepspeed_config_reduces_gradients_in_fp32():
+    """bf16 weights and activations on GPU, but the trainable set's gradients are reduce-scattered in fp32
+    (spec §3.4a): DeepSpeed's own config parser reads the dtype it will communicate in."""
+    import torch
+    from deepspeed.runtime.config import get_communication_data_type
+
+    cfg = load_config(TINY)
+    for use_gpu in (True, False):
+        ds = build_deepspeed_config(cfg.train, world_size=2, use_gpu=use_gpu)
+        assert ds["bf16"]["enabled"] is use_gpu
+        assert get_communication_data_type(ds) is torch.float32
+
+
 def test_missing_dataset_and_wrong_subspace_are_reported_before_start(tmp_path):
     import torch
 
