@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from asymflow.components import BaseModelConfig, load_base_components
-from asymflow.latents import encode_latents
+from asymflow.latents import Posterior, encode_latents, posterior_seed
 from asymflow.text import encode_prompts
 
 from .format import (
@@ -128,14 +128,21 @@ class CacheIdentity:
     max_sequence_length: int
     dtype: CacheDtype
     manifest_hash: str
+    # "sample": a posterior draw seeded by `asymflow.latents.posterior_seed(key)` (spec §7); "mode": the mean.
+    latent_posterior: Posterior = "sample"
 
     @classmethod
-    def of(cls, cfg: BaseModelConfig, dtype: CacheDtype, data_manifest_hash: str) -> CacheIdentity:
-        return cls(cfg.fingerprint(), cfg.dtype, tuple(cfg.text_hidden_layers), cfg.max_sequence_length, dtype, data_manifest_hash)
+    def of(
+        cls, cfg: BaseModelConfig, dtype: CacheDtype, data_manifest_hash: str, latent_posterior: Posterior = "sample"
+    ) -> CacheIdentity:
+        return cls(cfg.fingerprint(), cfg.dtype, tuple(cfg.text_hidden_layers), cfg.max_sequence_length, dtype,
+                   data_manifest_hash, latent_posterior)
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> CacheIdentity:
-        values = {f.name: manifest[f.name] for f in fields(cls)}
+        # Caches written before the posterior was recorded hold modes.
+        values = {f.name: manifest.get(f.name, "mode") if f.name == "latent_posterior" else manifest[f.name]
+                  for f in fields(cls)}
         return cls(**{**values, "text_hidden_layers": tuple(values["text_hidden_layers"])})
 
     def to_json(self) -> dict[str, Any]:
@@ -222,8 +229,8 @@ def _batches(rows: Sequence[Mapping[str, Any]], batch_size: int) -> Iterator[lis
 class _Encoder:
     """The base model's VAE + text encoder, turning decoded samples into cached member bytes."""
 
-    def __init__(self, cfg: BaseModelConfig, dtype: CacheDtype, device: str):
-        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+    def __init__(self, cfg: BaseModelConfig, dtype: CacheDtype, device: str, posterior: Posterior = "sample"):
+        self.cfg, self.dtype, self.device, self.posterior = cfg, dtype, torch.device(device), posterior
         parts = load_base_components(cfg, ("vae", "text_encoder", "tokenizer"))
         self.vae = parts.vae.to(self.device)
         self.text_encoder = parts.text_encoder.to(self.device)
@@ -234,8 +241,9 @@ class _Encoder:
             self.text_encoder, self.tokenizer, prompts, self.cfg.text_hidden_layers, self.cfg.max_sequence_length
         ).float()
 
-    def latents(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_latents(self.vae, images.to(self.device)).float()
+    def latents(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        seeds = [posterior_seed(key) for key in keys] if self.posterior == "sample" else None
+        return encode_latents(self.vae, images.to(self.device), self.posterior, seeds).float()
 
 
 def _encode_shard(
@@ -253,7 +261,7 @@ def _encode_shard(
             suffix, data = find_image(members)
             images.append(decode_image(suffix, data))
             captions.append(members.get("txt", b"").decode("utf-8"))
-        latents = encoder.latents(torch.stack(images))
+        latents = encoder.latents(torch.stack(images), [rows[i]["key"] for i in batch])
         text = encoder.text(captions)
         for j, i in enumerate(batch):
             pending[i] = (tensor_to_bytes(LATENT_NAME, latents[j], encoder.dtype), tensor_to_bytes(TEXT_NAME, text[j], encoder.dtype))
@@ -287,8 +295,13 @@ def build_cache(
     overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
+    latent_posterior: Posterior = "sample",
 ) -> CacheSummary:
-    """Cache latents + text embeddings of every sample of the dataset at `data_dir` into DATA/cache/ (resumable)."""
+    """Cache latents + text embeddings of every sample of the dataset at `data_dir` into DATA/cache/ (resumable).
+
+    Latents are posterior samples by default (spec §7), each seeded from its sample key, so reruns, resumes and any
+    batch size give the same bytes; `latent_posterior="mode"` caches the posterior mean instead.
+    """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -296,7 +309,7 @@ def build_cache(
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {CACHE_DTYPES}")
     manifest = load_manifest(data_dir)
-    identity = CacheIdentity.of(cfg, dtype, manifest_hash(manifest))
+    identity = CacheIdentity.of(cfg, dtype, manifest_hash(manifest), latent_posterior)
     cache_dir = join(data_dir, CACHE_DIR)
     fs, cache_root = fsspec.core.url_to_fs(cache_dir)
 
@@ -325,7 +338,7 @@ def build_cache(
     if not todo and fs.exists(table_path) and fs.exists(f"{cache_root}/{NEGATIVE_FILE}"):
         return summary
 
-    encoder = _Encoder(cfg, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = _Encoder(cfg, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"), latent_posterior)
     put_atomic(join(cache_dir, NEGATIVE_FILE), tensor_to_bytes(TEXT_NAME, encoder.text([""])[0], dtype))
 
     rows_by_shard: dict[str, list[dict[str, Any]]] = {n: [] for n in shard_names}

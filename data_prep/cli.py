@@ -84,7 +84,7 @@ def _run_shards(args: argparse.Namespace) -> int:
     try:
         report = build_shards(cfg, workers=args.workers, strict=args.strict, ray_address=args.ray_address, show_progress=not args.no_progress)
     except (OSError, ValueError) as e:  # unreadable INPUT listing, unwritable OUTPUT, bad table columns
-        print(f"prep shards: fatal: {e}", file=sys.stderr)
+        print(f"error: prep shards: {e}", file=sys.stderr)
         return EXIT_FATAL
     print(report.message, file=sys.stderr if report.exit_code else sys.stdout)
     return report.exit_code
@@ -159,7 +159,13 @@ def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
     cache.add_argument("--batch-size", type=int, default=8, help="samples per encoder batch (same bucket) [8]")
     cache.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16", help="storage dtype; fp8 e4m3 keeps a per-tensor scale [bf16]")
     cache.add_argument("--device", default=None, help="torch device [cuda if available, else cpu]")
+    cache.add_argument(
+        "--latent-posterior", choices=("sample", "mode"), default="sample",
+        help="cache a posterior sample seeded by the sample key (spec §7, what training expects) or the posterior "
+        "mean; recorded in cache/index.json [sample]",
+    )
     cache.add_argument("--overwrite", action="store_true", help="delete an existing cache (e.g. from another model) and rebuild")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache.set_defaults(func=_run_cache)
 
     subspace = sub.add_parser(
@@ -176,6 +182,7 @@ def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
     subspace.add_argument("--seed", type=int, default=2021, help="shuffle seed [2021]")
     subspace.add_argument("--colour", choices=("oklab", "rgb"), default=None, help="pixel encoding [oklab for procrustes, rgb for pca]")
     subspace.add_argument("--output", default=None, help="artifact path [DATA/subspace.safetensors]")
+    subspace.add_argument("--no-progress", action="store_true", help="no progress bar")
     subspace.set_defaults(func=_run_subspace)
 
 
@@ -191,9 +198,11 @@ def _run_cache(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             device=args.device,
+            latent_posterior=args.latent_posterior,
+            progress=not args.no_progress,
         )
     except (CacheMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"prep cache: error: {e}", file=sys.stderr)
+        print(f"error: prep cache: {e}", file=sys.stderr)
         return 2
     print(summary.message)
     return 0
@@ -213,9 +222,10 @@ def _run_subspace(args: argparse.Namespace) -> int:
             seed=args.seed,
             colour=args.colour,
             output=args.output,
+            progress=not args.no_progress,
         )
     except (FileNotFoundError, ValueError) as e:
-        print(f"prep subspace: error: {e}", file=sys.stderr)
+        print(f"error: prep subspace: {e}", file=sys.stderr)
         return 2
     print(
         f"subspace ({artifact.method}, rank {artifact.rank}, s={artifact.scale:.6g}) from "

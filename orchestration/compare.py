@@ -129,7 +129,8 @@ def compare_columns(parts, basis: torch.Tensor, scale: float, finetuned, images:
     diff_oklab = diff_rgb = magnitude = 0.0
     for lo in range(0, n, batch):
         x, e, t = images[lo:lo + batch], eps[lo:lo + batch], text[lo:lo + batch].float()
-        out["ae_reconstruction"].append(decode_latents(parts.vae, encode_latents(parts.vae, x)).float())
+        # The posterior mean: the ceiling is the autoencoder's deterministic reconstruction, not one noisy draw.
+        out["ae_reconstruction"].append(decode_latents(parts.vae, encode_latents(parts.vae, x, "mode")).float())
         z = latent_euler(parts.transformer, patchify(e, patch) @ basis, t, latent_sigmas, (h, w))  # from Bᵀε
         grid = unpack(z, h, w)
         out["latent"].append(decode_latents(parts.vae, grid).float())

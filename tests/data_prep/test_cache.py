@@ -64,6 +64,7 @@ def test_cache_layout_matches_the_image_shards(dataset: Path) -> None:
     cache_dir = dataset / "cache"
     index = json.loads((cache_dir / "index.json").read_text())
     assert index["complete"] and index["version"] == 1 and index["dtype"] == "bf16"
+    assert index["latent_posterior"] == "sample"
     assert index["model_fingerprint"] == load_model_config(TINY_CONFIG).fingerprint()
     assert index["manifest_hash"] == manifest_hash(manifest)
     assert [s["name"] for s in index["shards"]] == [s["name"] for s in manifest["shards"]]
@@ -90,6 +91,26 @@ def test_cache_layout_matches_the_image_shards(dataset: Path) -> None:
     expected = encode_prompts(parts.text_encoder, parts.tokenizer, [""], cfg.text_hidden_layers, cfg.max_sequence_length)[0]
     assert negative.shape == (cfg.max_sequence_length, 3 * 32)
     torch.testing.assert_close(negative, expected, rtol=2**-8, atol=1e-6)
+
+
+def test_cached_latents_are_posterior_samples_seeded_by_key(dataset: Path, tmp_path: Path) -> None:
+    """Each cached latent is the VAE posterior sample drawn with `posterior_seed(key)` (spec §7), not the mode."""
+    from asymflow.components import load_base_components
+    from asymflow.latents import encode_latents, posterior_seed
+    from data_prep.reader import DatasetIndex, read_training_sample
+
+    sample_row = read_training_sample(DatasetIndex.open(str(dataset)), 0)
+    cached, image = sample_row["latents"], sample_row["image"][None]
+    vae = load_base_components(load_model_config(TINY_CONFIG), ("vae",)).vae
+    sample = encode_latents(vae, image, "sample", [posterior_seed(sample_row["key"])])[0]
+    mode = encode_latents(vae, image, "mode")[0]
+    torch.testing.assert_close(cached, sample, rtol=2**-8, atol=1e-6)  # bf16 storage
+    assert (cached - mode).abs().max() > 1e-2
+
+    # A mode cache is a different cache: never mixed with the samples.
+    data = copy_dataset(dataset, tmp_path / "data")
+    with pytest.raises(CacheMismatchError, match="latent_posterior"):
+        build_cache(str(data), load_model_config(TINY_CONFIG), latent_posterior="mode", progress=False)
 
 
 def test_rerun_is_a_noop_and_resume_is_byte_identical(dataset: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from asymflow.components import load_base_components
-from asymflow.latents import encode_latents
+from asymflow.latents import encode_latents, posterior_seed
 from asymflow.text import encode_prompts
 from data_prep.cache import CacheMismatchError
 from data_prep.format import parse_sample
@@ -46,7 +46,9 @@ def test_samples_have_the_training_shapes_and_match_the_encoders(index: DatasetI
         assert -1.0 <= sample["image"].min() and sample["image"].max() <= 1.0
         assert sample["latents"].shape == (128, height // 16, width // 16) and sample["latents"].dtype == torch.float32
         assert sample["text_embeds"].shape == (cfg.max_sequence_length, 96) and sample["text_embeds"].dtype == torch.float32
-        torch.testing.assert_close(sample["latents"], encode_latents(parts.vae, sample["image"][None])[0], **BF16_TOL)
+        seed = [posterior_seed(row["key"])]  # the cache holds a posterior sample seeded by the key (spec §7)
+        expected = encode_latents(parts.vae, sample["image"][None], "sample", seed)[0]
+        torch.testing.assert_close(sample["latents"], expected, **BF16_TOL)
         text = encode_prompts(parts.text_encoder, parts.tokenizer, [sample["caption"]], cfg.text_hidden_layers, cfg.max_sequence_length)
         torch.testing.assert_close(sample["text_embeds"], text[0], **BF16_TOL)
     assert read_training_sample(index, 0)["key"] == index.row(0)["key"]  # a row position works too
