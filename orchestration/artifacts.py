@@ -24,7 +24,13 @@ def resolve_checkpoint(run_dir: str, step: int | None = None) -> str:
 def build_model_from_checkpoint(path: str, weights: Weights = "ema"):
     """(pixel model with the checkpoint's EMA or trainable tensors loaded, its RunConfig, its state)."""
     state = ckpt.read_state(path)
-    tensors = ckpt.load_tensors(f"{path}/{ckpt.EMA if weights == 'ema' else ckpt.TRAINABLE}")
+    file = f"{path}/{ckpt.EMA if weights == 'ema' else ckpt.TRAINABLE}"
+    try:
+        tensors = ckpt.load_tensors(file)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{file} does not exist") from exc
+    except Exception as exc:  # safetensors' own SafetensorError for a truncated or damaged file
+        raise ValueError(f"{file} is not a readable safetensors file ({exc})") from exc
     model, cfg = build_model_from_state(state, tensors)
     return model, cfg, state
 
@@ -50,14 +56,110 @@ def build_model_from_state(state: dict, tensors: dict[str, torch.Tensor]):
     return model.eval(), cfg
 
 
-def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = None, weights: Weights = "ema") -> Path:
-    """The adapter directory (spec §12) of a checkpoint, EMA weights by default: RUN_DIR/export/step-N."""
-    from asymflow.export import export_adapter
+def base_model_name(model_cfg) -> str:
+    """How an export names its latent base (peft's base_model_name_or_path, the card's base_model)."""
+    if model_cfg.kind == "diffusers":
+        return str(model_cfg.path)
+    if model_cfg.kind == "bundled":
+        return str(model_cfg.path or "asymflow/assets/tiny_base")
+    return f"asymflow.tiny (in-code, seed {model_cfg.seed})"
 
+
+def base_record(cfg: RunConfig) -> dict:
+    """asymflow_base.json: the base (which also rebuilds the text encoder) and the run's sampling settings."""
+    s = cfg.sample
+    return {"model": cfg.model.model_dump(mode="json"),
+            "sample": {"height": s.height, "width": s.width, "steps": s.steps, "guidance": s.guidance}}
+
+
+def card_facts(run_dir: str, cfg: RunConfig, state: dict, kind: str = "adapter"):
+    """The model card's facts from the run: step, dataset size, subspace, last logged loss, compare metrics."""
+    import json
+
+    from asymflow.model_card import CardFacts
+    from asymflow.subspace import SubspaceArtifact
+
+    step = int(state["step"])
+    samples = None
+    try:
+        from data_prep.format import load_manifest
+
+        samples = int(load_manifest(str(cfg.data.path))["num_samples"])
+    except Exception:  # the dataset may live elsewhere now; the card then says "unknown"
+        pass
+    rank = scale = None
+    try:
+        artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size)
+        rank, scale = int(artifact.basis.shape[1]), float(artifact.scale)
+    except Exception:
+        pass
+    final_loss = None
+    try:
+        lines = ckpt.read_bytes(f"{run_dir.rstrip('/')}/metrics.jsonl").decode().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        losses = [r["loss"] for r in records if "loss" in r and r.get("step", 0) <= step]
+        final_loss = float(losses[-1]) if losses else None
+    except Exception:
+        pass
+    evaluation = {}
+    try:
+        metrics = json.loads(ckpt.read_bytes(f"{run_dir.rstrip('/')}/compare/{ckpt.step_name(step)}/metrics.json"))
+        for name, value in metrics.get("psnr", {}).items():
+            evaluation[f"PSNR vs photos, {name} (dB)"] = f"{value['mean']:.2f}"
+        for name, value in metrics.get("ssim", {}).items():
+            evaluation[f"SSIM vs photos, {name}"] = f"{value['mean']:.3f}"
+    except Exception:
+        pass
+    lora = None
+    if cfg.trainable.mode == "lora":
+        lora = {"rank": cfg.trainable.lora.rank, "alpha": cfg.trainable.lora.alpha}
+    return CardFacts(kind=kind, base_model=base_model_name(cfg.model), step=step, samples=samples,
+                     dataset=str(cfg.data.path), rank=rank, scale=scale, final_loss=final_loss, lora=lora,
+                     trainable_mode=cfg.trainable.mode, eval=evaluation)
+
+
+def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = None, weights: Weights = "ema",
+                      merged: bool = False, pipeline: bool = False) -> Path:
+    """The adapter directory (spec §12) of a checkpoint, EMA weights by default: RUN_DIR/export/step-N, with peft and
+    diffusers LoRA files, the base record and a model card. `merged=True`: a complete diffusers model directory with
+    the LoRA fused in (RUN_DIR/export/step-N-merged), loadable by `from_pretrained` alone; with `pipeline=True` a
+    whole pipeline directory instead (RUN_DIR/export/step-N-pipeline: transformer/, scheduler/, text_encoder/,
+    tokenizer/). Every output is staged and renamed last."""
+    import dataclasses
+
+    from asymflow.export import export_adapter, merge_lora, save_merged, write_staged
+    from asymflow.model_card import render_model_card
+
+    if pipeline and not merged:
+        raise ValueError("a pipeline export holds the merged transformer: pass merged=True (--merged)")
     path = resolve_checkpoint(run_dir, step)
-    model, _, state = build_model_from_checkpoint(path, weights)
-    target = out or f"{run_dir.rstrip('/')}/export/{ckpt.step_name(int(state['step']))}"
-    return export_adapter(model, target, state_dict=model.state_dict())
+    model, cfg, state = build_model_from_checkpoint(path, weights)
+    name = ckpt.step_name(int(state["step"]))
+    suffix = "-pipeline" if pipeline else "-merged" if merged else ""
+    target = out or f"{run_dir.rstrip('/')}/export/{name}{suffix}"
+    facts = card_facts(run_dir, cfg, state)
+    base = base_model_name(cfg.model)
+    if not merged:
+        return export_adapter(model, target, state_dict=model.state_dict(), base_model=base,
+                              base_info=base_record(cfg), card=render_model_card(facts))
+    merge_lora(model)
+    card = render_model_card(dataclasses.replace(facts, kind="merged"))
+    if not pipeline:
+        return save_merged(model, target, card=card, base_info=base_record(cfg))
+    from asymflow.components import load_base_components
+    from asymflow.pipeline import AsymFlux2KleinPipeline
+    from asymflow.scheduler import FlowAdapterScheduler
+
+    parts = load_base_components(cfg.model, ("text_encoder", "tokenizer"))
+    pipe = AsymFlux2KleinPipeline(model, FlowAdapterScheduler(), parts.text_encoder, parts.tokenizer,
+                                  text_hidden_layers=cfg.model.text_hidden_layers,
+                                  max_sequence_length=cfg.model.max_sequence_length)
+
+    def write(staging: Path) -> None:
+        pipe.save_pretrained(staging)
+        (staging / "README.md").write_text(card)
+
+    return write_staged(target, write)
 
 
 def render_samples(state: dict, ema: dict[str, torch.Tensor], out_dir: str) -> list[str]:

@@ -1,0 +1,164 @@
+"""SOURCE → a ready-to-sample AsymFlux2KleinPipeline, for a run directory, an export, a merged model, a saved pipeline
+or the official adapter (`asymflow sample`, `asymflow serve`)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+SourceKind = Literal["run", "pipeline", "model", "adapter"]
+BASE_HELP = ("the latent base an adapter attaches to: 'tiny', 'bundled', or a directory (a FLUX.2 klein diffusers "
+             "directory with transformer/ text_encoder/ tokenizer/, or one with only transformer/, whose text encoder "
+             "is then the in-code tiny Qwen3)")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What SOURCE is. kind: run (checkpoints/), pipeline (model_index.json), model (a complete transformer directory:
+    a merged export), adapter (an export or the official adapter: trained tensors + LoRA on a latent base)."""
+
+    kind: SourceKind
+    path: str
+    step: int | None = None  # run: the checkpoint step used
+    checkpoint: str | None = None  # run: the checkpoint directory used
+    base: Any = None  # BaseModelConfig of the latent base / text encoder (None for a pipeline directory)
+    defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults recorded with the source
+
+
+def base_from_arg(base: str) -> Any:
+    """`--base` → BaseModelConfig: 'tiny' / 'bundled' or a directory (diffusers layout: the klein text settings)."""
+    from asymflow.components import BaseModelConfig
+    from asymflow.text import KLEIN_HIDDEN_LAYERS, KLEIN_MAX_LENGTH
+
+    if base in ("tiny", "bundled"):
+        return BaseModelConfig(kind=base)
+    root = Path(base)
+    if (root / "text_encoder").is_dir():
+        return BaseModelConfig(kind="diffusers", path=str(root), text_hidden_layers=KLEIN_HIDDEN_LAYERS,
+                               max_sequence_length=KLEIN_MAX_LENGTH)
+    if (root / "transformer").is_dir():
+        return BaseModelConfig(kind="bundled", path=str(root))
+    raise ValueError(f"--base {base}: not 'tiny', 'bundled', or a directory with transformer/ (and text_encoder/)")
+
+
+def _recorded_base(root: Path) -> tuple[Any, dict[str, Any]]:
+    """(BaseModelConfig, sampling defaults) recorded in an export's asymflow_base.json, or (None, {})."""
+    from asymflow.components import BaseModelConfig
+    from asymflow.export import BASE_NAME
+
+    path = root / BASE_NAME
+    if not path.is_file():
+        return None, {}
+    try:
+        info = json.loads(path.read_text())
+        return BaseModelConfig.model_validate(info["model"]), dict(info.get("sample", {}))
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a valid base record ({str(exc).splitlines()[0]})") from exc
+
+
+def _is_complete_model(root: Path, config: dict[str, Any]) -> bool:
+    """True when the directory's weights hold every tensor of the model (merged export, full fine-tune export)."""
+    from safetensors import safe_open
+
+    from asymflow.export import WEIGHTS_NAME
+    from asymflow.model import AsymFlux2Transformer2DModel
+
+    index = root / f"{WEIGHTS_NAME}.index.json"  # a sharded save_pretrained
+    if index.is_file():
+        keys = set(json.loads(index.read_text())["weight_map"])
+    elif (root / WEIGHTS_NAME).is_file():
+        try:
+            with safe_open(root / WEIGHTS_NAME, "pt") as f:
+                keys = set(f.keys())
+        except Exception as exc:  # SafetensorError for a truncated or damaged file
+            raise ValueError(f"{root / WEIGHTS_NAME} is not a readable safetensors file ({exc})") from exc
+    else:
+        raise ValueError(f"{root} has {'config.json'} but no {WEIGHTS_NAME}")
+    with torch.device("meta"):
+        expected = set(AsymFlux2Transformer2DModel.from_config(config).state_dict())
+    return expected <= keys
+
+
+def resolve_source(source: str, step: int | None = None, base: str | None = None) -> Source:
+    """Classify SOURCE (see `Source`) and find its base: the run's config, `--base`, or the export's record."""
+    from orchestration import checkpoint as ckpt
+    from orchestration.artifacts import resolve_checkpoint
+    from orchestration.config import RunConfig
+
+    root = Path(source)
+    if (root / ckpt.CHECKPOINTS).is_dir() or "://" in source:
+        path = resolve_checkpoint(source, step)
+        state = ckpt.read_state(path)
+        cfg = RunConfig.model_validate(state["config"])
+        s = cfg.sample
+        return Source("run", source, int(state["step"]), path, cfg.model,
+                      {"height": s.height, "width": s.width, "steps": s.steps, "guidance": s.guidance})
+    if step is not None:
+        raise ValueError(f"--step applies to run directories only; {source} has no checkpoints/")
+    if (root / "model_index.json").is_file():
+        return Source("pipeline", source)
+    if not root.is_dir():
+        raise ValueError(f"{source} does not exist or is not a directory")
+    if not (root / "config.json").is_file():
+        raise ValueError(f"{source} is not a run directory (checkpoints/), a pipeline (model_index.json), or a model "
+                         f"or adapter directory (config.json)")
+    from asymflow.export import read_pixel_config
+
+    config = read_pixel_config(root)
+    recorded, defaults = _recorded_base(root)
+    chosen = base_from_arg(base) if base is not None else recorded
+    kind: SourceKind = "model" if _is_complete_model(root, config) else "adapter"
+    if chosen is None:
+        what = "an adapter: its LoRA attaches to a latent base" if kind == "adapter" else "a model without a text encoder"
+        raise ValueError(f"{source} is {what}; pass --base ({BASE_HELP})")
+    return Source(kind, source, base=chosen, defaults=defaults)
+
+
+def load_pipeline(
+    source: str | Source,
+    step: int | None = None,
+    base: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    weights: Literal["ema", "trainable"] = "ema",
+):
+    """SOURCE → AsymFlux2KleinPipeline on `device`, transformer in eval mode.
+
+    run directory: the checkpoint at `step` (latest complete by default), EMA weights (or `weights="trainable"`),
+        base and text encoder from the run's config;
+    pipeline directory: `AsymFlux2KleinPipeline.from_pretrained`;
+    merged model / full export: `AsymFlux2Transformer2DModel.from_pretrained`, text encoder from `base`;
+    adapter (ours or the official layout): `load_adapter` onto `base`'s latent transformer.
+    `base` ('tiny', 'bundled' or a directory) overrides the base recorded in an export (asymflow_base.json).
+    `dtype` casts the transformer (B and s stay fp32); default: the base config's dtype (fp32 for a directory).
+    Raises ValueError / FileNotFoundError with a one-line message on bad input.
+    """
+    from asymflow.components import DTYPES, load_base_components
+    from asymflow.export import load_adapter
+    from asymflow.model import AsymFlux2Transformer2DModel
+    from asymflow.pipeline import AsymFlux2KleinPipeline
+    from asymflow.scheduler import FlowAdapterScheduler
+    from orchestration.artifacts import build_model_from_checkpoint
+
+    src = source if isinstance(source, Source) else resolve_source(source, step, base)
+    if src.kind == "pipeline":
+        pipe = AsymFlux2KleinPipeline.from_pretrained(src.path, torch_dtype=dtype)
+    else:
+        if src.kind == "run":
+            transformer, _, _ = build_model_from_checkpoint(src.checkpoint, weights)
+        elif src.kind == "model":
+            transformer = AsymFlux2Transformer2DModel.from_pretrained(src.path, torch_dtype=dtype)
+        else:
+            transformer = load_adapter(src.path, load_base_components(src.base, ("transformer",)).transformer)
+        target = dtype or DTYPES[src.base.dtype]
+        if transformer.dtype != target:
+            transformer = transformer.to(target)
+        parts = load_base_components(src.base, ("text_encoder", "tokenizer"))
+        pipe = AsymFlux2KleinPipeline(
+            transformer.eval(), FlowAdapterScheduler(), parts.text_encoder, parts.tokenizer,
+            text_hidden_layers=src.base.text_hidden_layers, max_sequence_length=src.base.max_sequence_length,
+        )
+    return pipe.to(device)
