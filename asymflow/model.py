@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from os import PathLike
 from typing import Any, Literal
 
 import torch
@@ -21,7 +22,13 @@ from asymflow.parameterisation import (
     recover_velocity,
     recover_x0,
 )
-from asymflow.patching import image_position_ids, patchify, text_position_ids, unpatchify
+from asymflow.patching import (
+    condition_position_ids,
+    image_position_ids,
+    patchify,
+    text_position_ids,
+    unpatchify,
+)
 
 Prediction = Literal["velocity", "x0"]
 
@@ -97,6 +104,20 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         self.register_buffer("scale_buffer", torch.tensor(1.0, dtype=torch.float32))
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | PathLike, *args: Any, **kwargs: Any):
+        """diffusers' `from_pretrained`, refusing a directory that holds only part of the model (an adapter export:
+        diffusers would leave the missing tensors on the meta device and fail at the first forward)."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds only part of an {cls.__name__} ({len(missing)} tensors "
+                f"missing, e.g. {missing[0]}): it is an adapter; load it with asymflow.load_adapter(dir, latent_base)"
+            )
+        return loaded
+
+    @classmethod
     def from_latent_config(
         cls,
         latent_config: Mapping[str, Any],
@@ -150,6 +171,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         joint_attention_kwargs: dict[str, Any] | None = None,
         prediction: Prediction = "velocity",
         return_dict: bool = False,
+        condition_images: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor | Flux2Transformer2DModelOutput:
         """Velocity û = ε̂ − x̂_0 (or x̂_0 with prediction="x0") of a noisy image.
 
@@ -160,6 +182,9 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         The recovery clamp σ_min is 1e-6 in training mode and `config.sigma_min` in eval mode (spec §3.5);
         "x0" uses the division-free form x̂_0 = s·k·P(x_t − σ·û_a) − s·P⊥û_a.
         Under an autocast context only `_backbone` (the blocks) autocasts; calibration and recovery stay fp32.
+        condition_images: reference images (spec §5.4), each [B or 1,C,H_i,W_i] in the model's pixel space (normalised
+        Oklab), clean: their tokens are x_ref/s (not k·x: at σ = 0, k = 1/s), appended after the noisy tokens with
+        RoPE time coordinate 10·(i+1) (FLUX.2's `_prepare_image_ids`), and their outputs are discarded.
         """
         if prediction not in ("velocity", "x0"):
             raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
@@ -181,15 +206,20 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
 
         if txt_ids is None:
             txt_ids = text_position_ids(encoder_hidden_states.shape[1], device=x_t.device)
+        hidden = k.view(batch, 1, 1) * tokens
+        img_ids = image_position_ids(height // p, width // p, device=x_t.device)
+        if condition_images:
+            cond_tokens, cond_ids = self._condition_tokens(condition_images, batch, dtype, x_t.device)
+            hidden, img_ids = torch.cat([hidden, cond_tokens], dim=1), torch.cat([img_ids, cond_ids])
         u_a = self._backbone(
-            (k.view(batch, 1, 1) * tokens),
+            hidden,
             encoder_hidden_states,
             sigma_cal,
-            image_position_ids(height // p, width // p, device=x_t.device),
+            img_ids,
             txt_ids,
             guidance=guidance,
             joint_attention_kwargs=joint_attention_kwargs,
-        )
+        )[:, : tokens.shape[1]]  # the condition tokens' outputs are discarded
 
         # validate=False: a non-finite network output must reach the trainer's skip logic, not raise here.
         if prediction == "velocity":
@@ -199,6 +229,24 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
             out = recover_x0(u_a, tokens, sigma, basis, scale, validate=False)
         image = unpatchify(out, p, height, width, "channel_first")
         return Flux2Transformer2DModelOutput(sample=image) if return_dict else image
+
+    def _condition_tokens(
+        self, images: Sequence[torch.Tensor], batch: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference images → (tokens [B, ΣN_i, D] = patchify(x_ref)/s, RoPE ids [ΣN_i, 4] with t = 10·(i+1))."""
+        p, channels = self.config.patch_size, self.config.in_channels
+        tokens, ids = [], []
+        for i, image in enumerate(images):
+            if image.ndim != 4 or image.shape[1] != channels or image.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"condition image {i} must be [{batch} or 1,{channels},H,W], got {tuple(image.shape)}"
+                )
+            check_finite(**{f"condition_image_{i}": image})
+            h, w = image.shape[-2] // p, image.shape[-1] // p
+            t = patchify(image.to(device=device, dtype=dtype), p, "channel_first") / self.scale_buffer.to(dtype)
+            tokens.append(t.expand(batch, -1, -1))
+            ids.append(condition_position_ids(h, w, i, device=device))
+        return torch.cat(tokens, dim=1), torch.cat(ids)
 
     def _backbone(
         self,

@@ -118,6 +118,14 @@ def image_position_ids(h: int, w: int, device: torch.device | None = None) -> to
     return torch.stack([zeros, rows, cols, zeros], dim=-1)
 
 
+def condition_position_ids(h: int, w: int, index: int, device: torch.device | None = None) -> torch.Tensor:
+    """RoPE ids (t = 10·(index+1), row, col, l=0) of the index-th reference image's h×w token grid: [h·w, 4]
+    (FLUX.2's `_prepare_image_ids`, spec §5.4): each reference sits at its own time offset after the target (t=0)."""
+    ids = image_position_ids(h, w, device=device)
+    ids[:, 0] = 10 * (index + 1)
+    return ids
+
+
 def text_position_ids(length: int, device: torch.device | None = None) -> torch.Tensor:
     """FLUX.2 RoPE ids of a text sequence (t=0, 0, 0, l): [L, 4]."""
     l = torch.arange(length, device=device)
