@@ -223,6 +223,9 @@ def zero3_accounting(engine, teacher) -> dict[str, int]:
         "grad_partition_bytes": 0 if grads is None else grads.numel() * grads.element_size(),
         "adam_state_bytes": adam,
         "teacher_bytes": sum(p.numel() * p.element_size() for p in teacher.parameters()),
+        # whole (unpartitioned) bytes of the fully trained modules: what a tied teacher must copy, nothing more
+        "full_modules_bytes": sum(p.ds_numel * p.element_size() for name, p in module.named_parameters()
+                                  if name.split(".")[0] in ("x_embedder", "proj_out", "norm_out")),
     }
 
 
@@ -251,7 +254,8 @@ def bare_zero3_loop(payload: dict[str, Any]) -> None:
     from asymflow.perceptual import build_image_distance
     from asymflow.subspace import SubspaceArtifact
     from asymflow.tiny import build_tiny_transformer
-    from asymflow.trainable import apply_trainable, build_teacher, param_groups
+    from asymflow.teacher import make_teacher
+    from asymflow.trainable import apply_trainable, param_groups
     from data_prep.reader import DatasetIndex
     from orchestration.config import RunConfig
     from orchestration.deepspeed_config import build_deepspeed_config
@@ -270,7 +274,7 @@ def bare_zero3_loop(payload: dict[str, Any]) -> None:
     latent = build_tiny_transformer(cfg.model.seed, **payload.get("transformer", {}))
     student = convert_transformer(latent, artifact.basis, artifact.scale)
     del latent
-    teacher = build_teacher(student, share_base=cfg.trainable.share_teacher_base)
+    teacher = make_teacher(student, cfg.trainable.teacher_kind(), cfg.trainable.full_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(t.seed, 0xC0FFEE))
         apply_trainable(student, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)

@@ -11,10 +11,12 @@ Models: `AsymFlux2Transformer2DModel` built from the klein transformer configs (
 4B = 5 double + 20 single blocks, 24 heads × 128, text width 7680; 9B = 8 double + 24 single, 32 heads × 128, text
 width 12288 (the diffusers / Hugging Face configs of black-forest-labs/FLUX.2-klein-{4B,9B}); pixel patch 16,
 so a 1024² image is 4096 tokens; 512 text tokens (configs/flux2-klein-*.yaml max_sequence_length).
-Step = the real AsymFlowVR step `asymflow.objective.asymflow_vr_step` (frozen bf16 teacher forward without grad +
-student forward/backward, perceptual term off: LPIPS weights are not available offline) → engine.backward →
-engine.step, under torch.autocast(bf16) as the worker runs it, with `enable_gradient_checkpointing()`.
-LoRA = the recipe's rank 256 on the FLUX.2 targets + full x_embedder/proj_out/norm_out.
+Step = the real AsymFlowVR step `asymflow.objective.asymflow_vr_step` (teacher forward without grad — the tied
+teacher for LoRA, a frozen full copy for full fine-tuning, as the worker builds them — + student forward/backward,
+LPIPS-VGG perceptual term on as in the recipe, with random VGG weights since the real ones are not available offline:
+same cost) → engine.backward → engine.step, under torch.autocast(bf16) as the worker runs it, with
+`enable_gradient_checkpointing()`. LoRA = the recipe's rank 256 on the FLUX.2 targets + full
+x_embedder/proj_out/norm_out. Every micro-batch gets 2 warm-up and --steps timed steps.
 
 FLOPs (model FLOPs, counted analytically from the module shapes, the MFU convention — recomputation by activation
 checkpointing is not counted):
@@ -22,8 +24,11 @@ checkpointing is not counted):
     T_l = tokens that pass through that linear: image tokens T_i for the image stream / x_embedder / proj_out,
     text tokens T_t for the context stream / context_embedder, T = T_i + T_t for single blocks; the attention term
     (QKᵀ and AV, 2·T²·d each) runs over the joint sequence in every double and single block.
-  per step     = 3·F (student forward + backward) + F (teacher forward) per sample × micro-batch
-    which is the familiar 6·N·T + 12·L·T²·d for the student plus 2·N·T + 4·L·T²·d for the teacher.
+  per step     = teacher forward (F without the LoRA layers) + student forward F + student backward, per sample
+    × micro-batch; the backward costs 1× forward for input gradients of every linear, 2× for attention, and 1×
+    forward for weight gradients of the TRAINABLE linears only (`step_flops`). Full fine-tuning: the familiar 3F
+    (6·N·T + 12·L·T²·d) + F; LoRA: ~2F + F, e.g. 244 TFLOP per 1024² sample at 9B, not 4F = 310. LPIPS is not
+    counted (MFU of the transformer).
 MFU = FLOPs / step time / the device's dense bf16 peak (H100 SXM 989, H100 PCIe 756, H200 989, A100 312 TFLOP/s;
 override with --peak-tflops). Peak memory = torch.cuda.max_memory_allocated. Largest micro-batch: doubling from 1
 until CUDA OOM (2 steps each). Whatever does not fit in --budget-s is skipped with a message (the suite must
@@ -37,23 +42,19 @@ import time
 
 import common
 
-KLEIN = {
-    "4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, attention_head_dim=128,
-               joint_attention_dim=7680),
-    "9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, attention_head_dim=128,
-               joint_attention_dim=12288),
-    "smoke": dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32,
-                  joint_attention_dim=96, axes_dims_rope=(8, 8, 8, 8), timestep_guidance_channels=64),
-}
-COMMON = dict(patch_size=1, in_channels=128, mlp_ratio=3.0, rope_theta=2000, eps=1e-6, guidance_embeds=False)
+SMOKE = dict(patch_size=1, in_channels=128, mlp_ratio=3.0, rope_theta=2000, eps=1e-6, guidance_embeds=False,
+             num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=96,
+             axes_dims_rope=(8, 8, 8, 8), timestep_guidance_channels=64)
 PEAKS_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
-def forward_flops(model, t_img: int, t_txt: int) -> float:
-    """Model FLOPs of one forward of one sample (see the module docstring)."""
+def flop_terms(model, t_img: int, t_txt: int) -> dict[str, float]:
+    """Forward model FLOPs of one sample (see the module docstring), split by what the backward must do:
+    "frozen" linears (input gradients only), "trainable" linears (LoRA A/B and fully trained modules: input and
+    weight gradients), "lora" (the part of "trainable" the tied teacher skips) and "attention" (QKᵀ and AV)."""
     import torch
 
-    total = 0.0
+    terms = {"frozen": 0.0, "trainable": 0.0, "lora": 0.0, "attention": 0.0}
     for name, m in model.named_modules():
         if not isinstance(m, torch.nn.Linear):
             continue
@@ -67,10 +68,27 @@ def forward_flops(model, t_img: int, t_txt: int) -> float:
             tokens = t_img
         else:
             tokens = 1  # timestep / modulation projections: once per sample
-        total += 2.0 * m.in_features * m.out_features * tokens
+        flops = 2.0 * m.in_features * m.out_features * tokens
+        terms["trainable" if m.weight.requires_grad else "frozen"] += flops
+        if ".lora_" in name:
+            terms["lora"] += flops
     blocks = model.config.num_layers + model.config.num_single_layers
     inner = model.config.num_attention_heads * model.config.attention_head_dim
-    return total + blocks * 4.0 * (t_img + t_txt) ** 2 * inner
+    terms["attention"] = blocks * 4.0 * (t_img + t_txt) ** 2 * inner
+    return terms
+
+
+def step_flops(terms: dict[str, float]) -> float:
+    """Model FLOPs of one training sample: teacher forward + student forward + student backward.
+
+    The backward computes input gradients through every linear (1× its forward) and attention (2×), and weight
+    gradients (1× forward) only for trainable linears: a frozen base needs no weight-gradient matmuls, so LoRA costs
+    ~2F + trainable, not 3F. Full fine-tuning gives the familiar 3F. The tied teacher runs without the LoRA layers.
+    """
+    linear, attention = terms["frozen"] + terms["trainable"], terms["attention"]
+    teacher = linear - terms["lora"] + attention
+    student = (linear + attention) + (linear + 2.0 * attention) + terms["trainable"]
+    return teacher + student
 
 
 def device_peak(name: str, override: float | None) -> float:
@@ -88,11 +106,14 @@ def build(preset: str, mode: str, device, dtype):
     import torch
 
     from asymflow.model import AsymFlux2Transformer2DModel
-    from asymflow.trainable import LoRASettings, apply_trainable, build_teacher, param_groups
+    from asymflow.teacher import make_teacher
+    from asymflow.trainable import LoRASettings, apply_trainable, param_groups
     from orchestration.config import TrainSection
     from orchestration.deepspeed_config import build_deepspeed_config
 
-    latent_cfg = {**COMMON, **KLEIN[preset]}
+    from asymflow.klein import KLEIN_TRANSFORMER_CONFIGS
+
+    latent_cfg = SMOKE if preset == "smoke" else KLEIN_TRANSFORMER_CONFIGS[preset]
     cfg = AsymFlux2Transformer2DModel.from_latent_config(latent_cfg)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # random init directly in the model dtype (B and s stay fp32 by construction)
@@ -101,7 +122,7 @@ def build(preset: str, mode: str, device, dtype):
             student = AsymFlux2Transformer2DModel(**cfg)
     finally:
         torch.set_default_dtype(previous)
-    teacher = build_teacher(student, share_base=False)
+    teacher = make_teacher(student, "tied" if mode == "lora" else "copy")
     lora = LoRASettings(rank=256 if preset != "smoke" else 4, alpha=256.0 if preset != "smoke" else 4.0)
     apply_trainable(student, mode, lora)
     student.train()
@@ -116,7 +137,7 @@ def build(preset: str, mode: str, device, dtype):
     return engine, teacher, n_params, n_trainable
 
 
-def step_once(engine, teacher, mb: int, size: int, text_len: int, device, seed: int) -> None:
+def step_once(engine, teacher, perceptual, mb: int, size: int, text_len: int, device, seed: int) -> None:
     import torch
 
     from asymflow.objective import AsymFlowVRConfig, asymflow_vr_step
@@ -129,7 +150,7 @@ def step_once(engine, teacher, mb: int, size: int, text_len: int, device, seed: 
         "text_embeds": torch.randn(mb, text_len, joint, generator=g).to(device),
     }
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss, _ = asymflow_vr_step(engine, teacher, batch, g, AsymFlowVRConfig(), None)
+        loss, _ = asymflow_vr_step(engine, teacher, batch, g, AsymFlowVRConfig(), perceptual)
     engine.backward(loss)
     engine.step()
 
@@ -161,7 +182,7 @@ def autocast_precision(device, size: int) -> dict[str, float]:
     return {name: float((a.float() - b).abs().max()) for name, a, b in zip(names, lowered, exact)}
 
 
-def timed_steps(engine, teacher, mb, size, text_len, device, n: int) -> list[float]:
+def timed_steps(engine, teacher, perceptual, mb, size, text_len, device, n: int) -> list[float]:
     import torch
 
     out = []
@@ -169,7 +190,7 @@ def timed_steps(engine, teacher, mb, size, text_len, device, n: int) -> list[flo
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step_once(engine, teacher, mb, size, text_len, device, seed=i)
+        step_once(engine, teacher, perceptual, mb, size, text_len, device, seed=i)
         if device.type == "cuda":
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
@@ -186,6 +207,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting new measurements after this")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU (checks the code path; nothing recorded)")
+    ap.add_argument("--no-lpips", action="store_true", help="leave the perceptual term out (the recipe has it)")
     args = ap.parse_args()
 
     common.set_bench_environment()
@@ -220,6 +242,10 @@ def main() -> None:
             common.record("gpu_step", metric, value, None, extra.pop("ratio", None), unit,
                           machine_gpu=gpu_name, peak_bf16_tflops=peak, **extra)
 
+    from asymflow.perceptual import LPIPSDistance, TinyConvDistance
+
+    # Random VGG weights: the real LPIPS file is not available offline, and the cost does not depend on the values.
+    perceptual = None if args.no_lpips else (TinyConvDistance() if args.smoke else LPIPSDistance()._freeze()).to(device)
     for name, err in autocast_precision(device, size).items():
         record(f"autocast_{name}_max_abs_err", err, "max |bf16-autocast − fp32| (normalised Oklab / velocity units)")
 
@@ -236,15 +262,14 @@ def main() -> None:
                 record(f"{label}_fits", 0, "bool (0: out of memory while building)")
                 torch.cuda.empty_cache()
                 continue
-            flops_fwd = forward_flops(engine.module, t_img, text_len)
-            per_sample = 4.0 * flops_fwd  # student fwd+bwd (3F) + teacher fwd (F)
+            per_sample = step_flops(flop_terms(engine.module, t_img, text_len))
             largest, mb = 0, 1
             while mb <= args.max_micro_batch and time.perf_counter() - t_start < args.budget_s:
                 try:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    warm = timed_steps(engine, teacher, mb, size, text_len, device, 2)
-                    times = timed_steps(engine, teacher, mb, size, text_len, device, args.steps if mb == 1 else 1)
+                    warm = timed_steps(engine, teacher, perceptual, mb, size, text_len, device, 2)
+                    times = timed_steps(engine, teacher, perceptual, mb, size, text_len, device, args.steps)
                 except torch.OutOfMemoryError:
                     print(f"gpu_step: {label} micro-batch {mb}: out of memory")
                     break

@@ -68,6 +68,16 @@ def main() -> None:
                       teacher_MiB=one["teacher_bytes"] / MB, imports_MiB=one["rss_after_imports"] / MB,
                       rss_stages_MiB={str(w): [{k: round(r[k] / MB) for k in STAGES} for r in results[(mode, w)]]
                                       for w in (1, 2)})
+        # All model weights a rank holds: its ZeRO-3 partition of the student + the teacher (tied for LoRA: only its
+        # copies of the fully trained modules; a whole copy for full fine-tuning).
+        weights2 = max(r["param_partition_bytes"] + r["teacher_bytes"] for r in two)
+        weights1 = one["param_partition_bytes"] + one["teacher_bytes"]
+        common.record("zero3_memory", f"{mode}_model_weight_bytes_per_rank_2workers", weights2, weights1,
+                      weights2 / weights1, "bytes per rank: student partition + teacher (baseline: 1 worker; "
+                      "goal for LoRA ≤ 0.55)", config=config, teacher_bytes=one["teacher_bytes"])
+        common.record("zero3_memory", f"{mode}_teacher_bytes_over_full_modules", one["teacher_bytes"],
+                      one["full_modules_bytes"], one["teacher_bytes"] / one["full_modules_bytes"],
+                      "bytes (teacher's own / the fully trained modules'; goal for LoRA ≤ 1.05)", config=config)
     lora, full = results[("lora", 2)], results[("full", 2)]
     lp = max(r["peak_rss"] - r["rss_after_imports"] for r in lora)
     fp = max(r["peak_rss"] - r["rss_after_imports"] for r in full)

@@ -35,9 +35,25 @@ class TrainableSection(_Section):
     mode: Literal["lora", "full"] = "lora"
     lora: LoRASettings = LoRASettings()
     full_modules: tuple[str, ...] = FULL_MODULES
-    share_teacher_base: bool = Field(
-        False, description="share frozen base weights with the teacher; only valid without ZeRO-3 partitioning"
+    teacher: Literal["auto", "tied", "copy"] = Field(
+        "auto",
+        description="tied: the student's own modules with LoRA off + frozen copies of full_modules (no second copy of "
+        "the base; LoRA only); copy: a whole frozen copy of the converted init per rank (needed for mode full); "
+        "auto: tied for lora, copy for full",
     )
+
+    @model_validator(mode="after")
+    def _teacher_fits_mode(self) -> TrainableSection:
+        if self.teacher == "tied" and self.mode == "full":
+            raise ValueError("trainable.teacher 'tied' needs trainable.mode 'lora' (a fully trained student has no "
+                             "frozen base to share); use 'copy' or 'auto'")
+        return self
+
+    def teacher_kind(self) -> Literal["tied", "copy"]:
+        """The teacher the worker builds: `teacher`, with auto resolved from the mode."""
+        if self.teacher != "auto":
+            return self.teacher
+        return "tied" if self.mode == "lora" else "copy"
 
 
 class PerceptualSection(_Section):

@@ -180,7 +180,8 @@ class Trainer:
         from asymflow.convert import convert_transformer
         from asymflow.perceptual import build_image_distance
         from asymflow.subspace import SubspaceArtifact
-        from asymflow.trainable import apply_trainable, build_teacher
+        from asymflow.teacher import make_teacher
+        from asymflow.trainable import apply_trainable
 
         cfg = self.cfg
         artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size,
@@ -188,7 +189,9 @@ class Trainer:
         latent = load_base_components(cfg.model, ("transformer",)).transformer
         student = convert_transformer(latent, artifact.basis, artifact.scale)
         del latent
-        self.teacher = build_teacher(student, share_base=cfg.trainable.share_teacher_base).to(self.device)
+        # Tied (LoRA): the student's own modules + frozen copies of the fully trained ones, so ZeRO-3 partitions the
+        # teacher's base with the student's; a full copy only for full fine-tuning.
+        self.teacher = make_teacher(student, cfg.trainable.teacher_kind(), cfg.trainable.full_modules).to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.train.seed, 0xC0FFEE))  # LoRA init: identical on every rank and run
             apply_trainable(student, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
@@ -325,6 +328,8 @@ class Trainer:
             if self.negative_embeds is not None:
                 tensors["negative_embeds"] = self.negative_embeds.to(self.device)
             generator = torch.Generator().manual_seed(derive_seed(t.seed, step, self.rank, micro))
+            # bf16 autocast reaches the transformer blocks (and the perceptual network) only: the step's codec, twin,
+            # calibration and recovery switch it off themselves (asymflow.precision, spec §3.4a).
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.use_gpu):
                 loss, metrics = asymflow_vr_step(self.engine, self.teacher, tensors, generator, self.cfg.objective,
                                                  self.perceptual)
@@ -350,8 +355,6 @@ class Trainer:
         return safe_get_local_fp32_param(param)
 
     def record_keys(self, step: int, keys: list[str]) -> None:
-            # bf16 autocast reaches the transformer blocks (and the perceptual network) only: the step's codec, twin,
-            # calibration and recovery switch it off themselves (asymflow.precision, spec §3.4a).
         """Gather every rank's keys in rank order (= the global batch order) and append one line (rank 0)."""
         gathered: list[list[str]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(gathered, keys)
@@ -374,8 +377,10 @@ class Trainer:
             ckpt.begin_checkpoint(self.run_dir, step)
         self.barrier()
         staging = ckpt.staging_dir(self.run_dir, step)
+        # Frozen weights are never written (DESIGN §2): the base is rebuilt from the pretrained files at every start,
+        # and at 9B their partitions would be ~70 % of the checkpoint's bytes (and of any universal conversion).
         self.engine.save_checkpoint(ckpt.local_engine_dir(self.run_dir, step, self.rank), tag=ckpt.ENGINE_TAG,
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=True)
         ckpt.upload_engine_files(self.run_dir, step, self.rank, self.retry)  # object storage: each rank its own files
         from deepspeed.utils import safe_get_full_fp32_param
 

@@ -179,6 +179,26 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(dataset, plain, t
     assert (plain / "samples" / "step-00000004" / "00.png").exists()
 
 
+def test_frozen_weights_are_in_no_checkpoint(plain):
+    """The base is rebuilt from the pretrained files at every start: DeepSpeed's model-state files hold no frozen
+    parameter fragments and no parameter values (only the B/s buffers); our safetensors hold trainables + buffers."""
+    import torch
+    from safetensors import safe_open
+
+    buffers = {"proj_buffer", "scale_buffer"}
+    for step_dir in sorted((plain / "checkpoints").glob("step-*")):
+        files = sorted((step_dir / "engine").glob("*model_states.pt"))
+        assert len(files) == 2  # one per rank
+        for path in files:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            assert state["frozen_param_fragments"] is None
+            assert sum(t.numel() for name, t in state["module"].items() if name not in buffers) == 0
+        with safe_open(step_dir / "trainable.safetensors", "pt") as f:
+            names = set(f.keys())
+        assert buffers < names and all("lora_" in n or n.split(".")[0] in ("x_embedder", "proj_out", "norm_out")
+                                       for n in names - buffers)
+
+
 def test_checkpoint_interrupted_while_writing_is_ignored(dataset, plain, halfway, tmp_path):
     """What a job killed mid-write leaves (a staging dir, a step dir without COMPLETE) is never loaded: rerunning the
     same command resumes from the previous complete checkpoint and ends where the uninterrupted run ends."""

@@ -1,0 +1,138 @@
+"""The tied teacher (spec §8 step 4, §9): the frozen converted init, computed by the student's own modules.
+
+A LoRA student only changes its adapters and a few fully trained modules (x_embedder, proj_out, norm_out). The
+teacher is therefore the student with its adapters disabled and those modules swapped, for one forward, for frozen
+copies of their converted-init values — no second copy of the base. Under DeepSpeed ZeRO-3 the base stays
+partitioned (the teacher's forward gathers it through the same module hooks as the student's), and the teacher's
+only own memory is the fully trained modules' copies (~80 MB at 9B, against 18 GB for a whole bf16 copy).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .trainable import FULL_MODULES, build_teacher, has_adapter
+
+
+def _adapter_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Every PEFT adapter layer of `model` computes its base layer only; requires_grad flags are restored exactly.
+
+    peft's `enable_adapters` toggles requires_grad as a side effect; a trainer's optimizer (and ZeRO-3's gradient
+    hooks) were set up from the flags before, so they must come back as they were.
+    """
+    layers = _adapter_layers(model)
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def modules_swapped(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+    """Replace the submodules named by `replacements` (dotted paths) for the block's duration."""
+    originals: dict[str, nn.Module] = {}
+    try:
+        for path, module in replacements.items():
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            originals[path] = getattr(parent, attr)
+            setattr(parent, attr, module)
+        yield
+    finally:
+        for path, module in originals.items():
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model.eval()` for the block (the teacher recovers with the eval σ_min, no dropout); flags restored per module."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class TiedTeacher(nn.Module):
+    """Callable like the student; computes the converted init through the student's modules (see module docstring).
+
+    Build it on the freshly converted student, BEFORE `apply_trainable` and before any parallel wrapper partitions
+    the student: the copies of `own_modules` must hold the converted-init values. The student is held by reference,
+    not registered as a submodule, so `.to()`, `state_dict()` and `parameters()` of the teacher cover only its own
+    frozen copies. Sound for a LoRA student whose base is frozen; a fully trained student needs a full copy
+    (`asymflow.trainable.build_teacher(share_base=False)`).
+    """
+
+    def __init__(self, student: nn.Module, own_modules: Sequence[str] = FULL_MODULES):
+        super().__init__()
+        if has_adapter(student):
+            raise ValueError("tie the teacher before LoRA is attached to the student (apply_trainable)")
+        object.__setattr__(self, "_student", student)
+        self._paths = tuple(own_modules)
+        self.frozen = nn.ModuleDict(
+            {path.replace(".", "__"): copy.deepcopy(student.get_submodule(path)) for path in self._paths}
+        )
+        self.frozen.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> TiedTeacher:
+        """Always eval: the teacher is frozen (its forward puts the student in eval mode for the call)."""
+        return super().train(False)
+
+    @property
+    def student(self) -> nn.Module:
+        return self._student
+
+    @property
+    def proj_buffer(self) -> torch.Tensor:
+        return self._student.proj_buffer  # B and s are never trained: the student's own buffers are the init's
+
+    @property
+    def scale_buffer(self) -> torch.Tensor:
+        return self._student.scale_buffer
+
+    @property
+    def config(self) -> Any:
+        return self._student.config
+
+    def own_bytes(self) -> int:
+        """Bytes the teacher holds beyond the student: its frozen copies of the fully trained modules."""
+        return sum(t.numel() * t.element_size() for t in (*self.frozen.parameters(), *self.frozen.buffers()))
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        student = self._student
+        swaps = {path: self.frozen[path.replace(".", "__")] for path in self._paths}
+        with torch.no_grad(), adapters_disabled(student), modules_swapped(student, swaps), eval_mode(student):
+            return student(*args, **kwargs)
+
+
+def make_teacher(
+    student: nn.Module, kind: Literal["tied", "copy"], own_modules: Sequence[str] = FULL_MODULES
+) -> nn.Module:
+    """The frozen teacher of a freshly converted student (call before `apply_trainable`): tied or a full copy."""
+    if kind == "tied":
+        return TiedTeacher(student, own_modules)
+    if kind == "copy":
+        return build_teacher(student, share_base=False, own_modules=own_modules)
+    raise ValueError(f"unknown teacher kind {kind!r}; expected 'tied' or 'copy'")
