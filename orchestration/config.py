@@ -208,7 +208,30 @@ class RunConfig(_Section):
                 f"sample.every={self.sample.every} must be a multiple of checkpoint.every={self.checkpoint.every}"
                 " (samples are rendered from checkpoints)"
             )
+        if self.sample.every and self.train.use_gpu and not self.sample.num_gpus:
+            # The sampling task rebuilds the base and the text encoder where it runs: on a CPU that is hours per image
+            # at klein sizes, and the trainer waits for the last one before it returns.
+            raise ValueError(
+                f"sample.every={self.sample.every} on a GPU run renders on the CPU (sample.num_gpus=0): hours per image "
+                "for a klein-sized model. Give the sampling task a spare GPU (sample.num_gpus: 1, checked against the "
+                "cluster at launch), or set sample.every: 0 and render checkpoints with `asymflow sample RUN_DIR --step N`"
+            )
         return self
+
+    def sampling_gpu_shortfall(self, cluster_gpus: float) -> str | None:
+        """Why in-training sampling could never be scheduled on a cluster with `cluster_gpus` GPUs, or None.
+
+        The training workers hold `train.workers` GPUs for the whole run, so a sampling task that needs a GPU runs
+        only if the cluster has one to spare; otherwise it would wait forever and the run would never finish.
+        """
+        if not (self.sample.every and self.sample.num_gpus):
+            return None
+        needed = self.train.workers * (1 if self.train.use_gpu else 0) + self.sample.num_gpus
+        if cluster_gpus >= needed:
+            return None
+        return (f"sample.num_gpus={self.sample.num_gpus:g} needs a GPU beside the {self.train.workers} training "
+                f"worker(s): {needed:g} GPUs in all, the cluster has {cluster_gpus:g}. Set sample.every: 0 (and use "
+                "`asymflow sample`), lower sample.num_gpus, or add a GPU node")
 
     @property
     def run_dir(self) -> str:

@@ -77,6 +77,11 @@ def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> Launc
     save_resolved(cfg, cfg.run_dir)
     started = maybe_init_ray(cfg)
     try:
+        import ray
+
+        shortfall = cfg.sampling_gpu_shortfall(ray.cluster_resources().get("GPU", 0.0))
+        if shortfall:
+            raise ConfigError(shortfall)
         from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig
         from ray.train.torch import TorchTrainer
 

@@ -148,3 +148,23 @@ def test_cli_refuses_a_bad_config_before_starting_ray(tmp_path):
     assert proc.returncode == 2
     assert "train.lr" in proc.stderr and "greater than 0" in proc.stderr
     assert "ray" not in proc.stderr.lower() and not any(tmp_path.iterdir())
+
+
+def test_teacher_kind_follows_the_trainable_mode():
+    assert load_config(TINY).trainable.teacher_kind() == "tied"  # LoRA: no second copy of the base
+    assert load_config(TINY, ["trainable.mode=full"]).trainable.teacher_kind() == "copy"
+    assert load_config(TINY, ["trainable.teacher=copy"]).trainable.teacher_kind() == "copy"
+    with pytest.raises(ConfigError, match="trainable.teacher 'tied' needs trainable.mode 'lora'"):
+        load_config(TINY, ["trainable.mode=full", "trainable.teacher=tied"])
+
+
+def test_in_training_sampling_that_could_never_run_is_refused():
+    """GPU runs: CPU rendering of a klein-sized base is refused at config time; a sampling GPU the cluster cannot
+    spare beside the training workers is refused at launch (it would wait forever and the run never finish)."""
+    with pytest.raises(ConfigError, match="renders on the CPU"):
+        load_config(TINY, ["train.use_gpu=true", "sample.every=2", "checkpoint.every=2"])
+    cfg = load_config(TINY, ["train.use_gpu=true", "train.workers=2", "sample.every=2", "checkpoint.every=2",
+                             "sample.num_gpus=1"])
+    assert "3 GPUs in all, the cluster has 2" in cfg.sampling_gpu_shortfall(2.0)
+    assert cfg.sampling_gpu_shortfall(3.0) is None
+    assert load_config(TINY, ["sample.every=2", "checkpoint.every=2"]).sampling_gpu_shortfall(0.0) is None  # CPU run
