@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_commands(sub)
     add_job_commands(sub)
     # --- end job lifecycle ---
+
+    # --- serve: the generation page (orchestration.serve; Gradio imported only when it runs) ---
+    from orchestration.serve import add_serve_command
+
+    add_serve_command(sub)
+    # --- end serve ---
     return parser
 
 
