@@ -17,13 +17,23 @@ $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,serve,browser-tests]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q tests
+
+# The browser test (tests/orchestration/test_serve_browser.py) drives the OS's Chromium through Playwright (whose own
+# browser download cannot be fetched here): installed when missing; when the OS package cannot be installed (no root,
+# no apt) this says so, and that test skips with the same reason.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	  echo "make: could not install the OS package chromium (apt-get install -y chromium needs root on Debian):" \
+	       "the browser test tests/orchestration/test_serve_browser.py will be skipped"
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests -m "not integration"

