@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== summary ==\n" + json.dumps(summary, indent=2))
     if not check["ok"]:
         raise SystemExit(f"demo: the step-0 column is not s·B·(latent sample) within tolerance: {check}")
+    print(f"\nLook at the fine-tuned model in a browser: asymflow serve {run_dir} --compare-latent "
+          "(pip install -e '.[serve]'), then open http://127.0.0.1:7860")
     return 0
 
 
