@@ -1,6 +1,8 @@
 """Classifier-free guidance with orthogonal projection and clamp_denoised (spec §11.2, §11.4)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .oklab import OKLAB_MEAN, OKLAB_STD, oklab_decode, oklab_encode
@@ -54,3 +56,45 @@ def clamp_denoised(
     img = oklab_decode(x0, mean, std).clamp(-1.0, 1.0)
     x0_clamped = oklab_encode(img, mean, std).to(u.dtype)
     return (x_t - x0_clamped) / sig.clamp_min(1e-4)
+
+
+def guidance_scale_at(sigma: float, scale: float, interval: tuple[float, float] | None) -> float:
+    """w inside the guidance interval lo ≤ σ ≤ hi (everywhere if None), 1 (no guidance) outside it."""
+    if interval is None:
+        return scale
+    lo, hi = interval
+    return scale if lo <= sigma <= hi else 1.0
+
+
+def guided_velocity(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: float,
+    prompt_embeds: torch.Tensor,
+    both_embeds: torch.Tensor | None,
+    scale: float,
+    strength: float = 1.0,
+    clamp: bool = True,
+    mean: tuple[float, float, float] = OKLAB_MEAN,
+    std: float = OKLAB_STD,
+) -> torch.Tensor:
+    """The velocity every sampler integrates at one σ: model → orthogonal CFG (if w ≠ 1) → clamp_denoised (if on).
+
+    model(x_t=[B,3,H,W], sigma=[B], encoder_hidden_states=[B,L,D]) -> u [B,3,H,W]. x [B,3,H,W] fp32;
+    both_embeds = cat(uncond [B,L,D], cond [B,L,D]) (uncond first), needed when scale ≠ 1: cond and uncond
+    run as one batched call. Returns u [B,3,H,W] fp32.
+    """
+    batch = x.shape[0]
+    sigmas = torch.full((batch,), sigma, device=x.device, dtype=torch.float32)
+    if scale != 1.0:
+        if both_embeds is None:
+            raise ValueError(f"guidance scale {scale} needs the negative prompt embeddings")
+        u_u, u_c = model(
+            x_t=torch.cat([x, x]), sigma=torch.cat([sigmas, sigmas]), encoder_hidden_states=both_embeds
+        ).float().chunk(2)
+        u = orthogonal_guidance(u_c, u_u, x, sigma, scale, strength)
+    else:
+        u = model(x_t=x, sigma=sigmas, encoder_hidden_states=prompt_embeds).float()
+    if clamp:
+        u = clamp_denoised(u, x, sigma, mean, std)
+    return u

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -11,8 +12,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .guidance import clamp_denoised as clamp_to_gamut
-from .guidance import orthogonal_guidance
+from .adaptive import AdaptiveConfig, SamplingReport, sample_adaptive
+from .guidance import guidance_scale_at, guided_velocity
 from .oklab import OKLAB_MEAN, OKLAB_STD, oklab_decode
 from .scheduler import FlowAdapterScheduler
 from .text import KLEIN_HIDDEN_LAYERS, KLEIN_MAX_LENGTH, encode_prompts
@@ -23,6 +24,7 @@ logger = logging.get_logger(__name__)
 PIXEL_MULTIPLE = 16  # one transformer token = one 16×16 pixel patch
 OutputType = Literal["pil", "np", "pt", "latent"]
 Generator = torch.Generator | list[torch.Generator]
+Sampler = Literal["fixed", "adaptive"]
 
 
 def floor_to_multiple(height: int, width: int, multiple: int = PIXEL_MULTIPLE) -> tuple[int, int]:
@@ -33,14 +35,6 @@ def floor_to_multiple(height: int, width: int, multiple: int = PIXEL_MULTIPLE) -
     if (h, w) != (height, width):
         logger.warning(f"height, width = {height}, {width} are not multiples of {multiple}; using {h}, {w}")
     return h, w
-
-
-def guidance_scale_at(sigma: float, scale: float, interval: tuple[float, float] | None) -> float:
-    """w inside the guidance interval lo ≤ σ ≤ hi (everywhere if None), 1 (no guidance) outside it."""
-    if interval is None:
-        return scale
-    lo, hi = interval
-    return scale if lo <= sigma <= hi else 1.0
 
 
 @torch.no_grad()
@@ -64,7 +58,10 @@ def sample_images(
     oklab_std: float = OKLAB_STD,
     decode: bool = True,
     progress_bar: Callable[[Iterable[int]], Iterable[int]] | None = None,
-) -> torch.Tensor:
+    sampler: Sampler = "fixed",
+    adaptive: AdaptiveConfig | None = None,
+    return_report: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SamplingReport]:
     """Sample pixel images from text embeddings; no text encoder needed (training-time samples from a cache).
 
     model(x_t=[B,3,H,W], sigma=[B], encoder_hidden_states=[B,L,D]) -> velocity u [B,3,H,W].
@@ -77,16 +74,23 @@ def sample_images(
     Starts from fp32 noise [B,3,H,W] (`noise`, else drawn from `generator`; H, W floored to multiples of 16).
     Returns images in [−1,1] [B,3,H,W] fp32 (Oklab-decoded), or the final normalised-Oklab sample if decode=False.
     `scheduler` defaults to FlowAdapterScheduler() (UniPC, static shift 17); `shift` overrides its shift rule.
+    sampler="adaptive" integrates the same guided, clamped velocity with `adaptive.sample_adaptive` instead (σ chosen
+    by its error control, `adaptive` = AdaptiveConfig; scheduler, shift and num_inference_steps are then unused).
+    return_report=True also returns a SamplingReport (NFE used and the σ evaluated).
     """
     if prompt_embeds.ndim != 3:
         raise ValueError(f"prompt_embeds must be [B,L,D], got {tuple(prompt_embeds.shape)}")
+    if sampler not in ("fixed", "adaptive"):
+        raise ValueError(f"unknown sampler {sampler!r}; expected 'fixed' or 'adaptive'")
     height, width = floor_to_multiple(height, width)
     batch, device = prompt_embeds.shape[0], prompt_embeds.device
-    scheduler = FlowAdapterScheduler() if scheduler is None else scheduler
-    scheduler.set_timesteps(num_inference_steps, seq_len=height * width, shift=shift)
-
-    steps = range(len(scheduler.timesteps))
-    guided = [guidance_scale_at(float(scheduler.sigmas[i]), guidance_scale, guidance_interval) != 1.0 for i in steps]
+    if sampler == "fixed":
+        scheduler = FlowAdapterScheduler() if scheduler is None else scheduler
+        scheduler.set_timesteps(num_inference_steps, seq_len=height * width, shift=shift)
+        steps = range(len(scheduler.timesteps))
+        guided = [guidance_scale_at(float(scheduler.sigmas[i]), guidance_scale, guidance_interval) != 1.0 for i in steps]
+    else:  # the σ it visits are not known in advance: guidance may apply wherever the interval allows
+        guided = [guidance_scale != 1.0 and (guidance_interval is None or guidance_interval[0] <= guidance_interval[1])]
     both_embeds: torch.Tensor | None = None
     if any(guided):
         if negative_prompt_embeds is None:
@@ -109,21 +113,28 @@ def sample_images(
     else:
         x = noise.to(device=device, dtype=torch.float32)
 
-    for i in progress_bar(steps) if progress_bar is not None else steps:
-        sigma = float(scheduler.sigmas[i])
-        sigmas = torch.full((batch,), sigma, device=device, dtype=torch.float32)
-        if guided[i]:
-            u_u, u_c = model(
-                x_t=torch.cat([x, x]), sigma=torch.cat([sigmas, sigmas]), encoder_hidden_states=both_embeds
-            ).float().chunk(2)
-            w = guidance_scale_at(sigma, guidance_scale, guidance_interval)
-            u = orthogonal_guidance(u_c, u_u, x, sigma, w, orthogonal_strength)
-        else:
-            u = model(x_t=x, sigma=sigmas, encoder_hidden_states=prompt_embeds).float()
-        if clamp_denoised:
-            u = clamp_to_gamut(u, x, sigma, tuple(oklab_mean), oklab_std)
-        x = scheduler.step(u, i, x).prev_sample
-    return oklab_decode(x, oklab_mean, oklab_std).clamp(-1.0, 1.0) if decode else x
+    def velocity(x_t: torch.Tensor, sigma: float) -> torch.Tensor:
+        w = guidance_scale_at(sigma, guidance_scale, guidance_interval)
+        return guided_velocity(model, x_t, sigma, prompt_embeds, both_embeds, w, orthogonal_strength,
+                               clamp_denoised, tuple(oklab_mean), oklab_std)
+
+    if sampler == "adaptive":
+        x, report = sample_adaptive(velocity, x, AdaptiveConfig() if adaptive is None else adaptive)
+    else:
+        for i in progress_bar(steps) if progress_bar is not None else steps:
+            x = scheduler.step(velocity(x, float(scheduler.sigmas[i])), i, x).prev_sample
+        grid = [float(s) for s in scheduler.sigmas[:-1]]
+        report = SamplingReport("fixed", len(grid), grid, grid + [0.0])
+    images = oklab_decode(x, oklab_mean, oklab_std).clamp(-1.0, 1.0) if decode else x
+    return (images, report) if return_report else images
+
+
+@dataclass
+class AsymFlowPipelineOutput(ImagePipelineOutput):
+    """Images plus what the sampler spent: `nfe` model evaluations (a CFG pass counts once) at `sigmas`."""
+
+    nfe: int | None = None
+    sigmas: list[float] | None = None
 
 
 class AsymFlux2KleinPipeline(DiffusionPipeline):
@@ -196,8 +207,15 @@ class AsymFlux2KleinPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         progress: bool = True,
         return_dict: bool = True,
-    ) -> ImagePipelineOutput | tuple:
+        sampler: Sampler = "fixed",
+        tol: float | None = None,
+        max_nfe: int | None = None,
+    ) -> AsymFlowPipelineOutput | tuple:
         """Generate images; `shift=None` uses the scheduler's rule (static 17 by default, spec §11.5).
+
+        sampler="adaptive": error-controlled steps (`asymflow.adaptive`) with rtol = atol = `tol` on x̂₀ (normalised
+        Oklab) and at most `max_nfe` model evaluations (AdaptiveConfig's defaults where None); num_inference_steps,
+        shift and the scheduler are then unused. The output's `nfe` and `sigmas` say what was spent, for either sampler.
 
         output_type: "pil" (list of PIL images), "np" ([B,H,W,3] in [0,1]), "pt" ([B,3,H,W] in [0,1]),
         "latent" (the final normalised-Oklab sample [B,3,H,W]). The negative prompt is encoded only when
@@ -217,7 +235,12 @@ class AsymFlux2KleinPipeline(DiffusionPipeline):
         elif negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
-        images = sample_images(
+        if sampler == "fixed" and (tol is not None or max_nfe is not None):
+            raise ValueError("tol and max_nfe apply to sampler='adaptive' only")
+        adaptive = AdaptiveConfig.from_tol(tol) if tol is not None else AdaptiveConfig()
+        if max_nfe is not None:
+            adaptive = replace(adaptive, max_nfe=max_nfe)
+        images, report = sample_images(
             self.transformer,
             prompt_embeds,
             negative_prompt_embeds,
@@ -235,8 +258,13 @@ class AsymFlux2KleinPipeline(DiffusionPipeline):
             oklab_std=self.config.oklab_std,
             decode=output_type != "latent",
             progress_bar=self.progress_bar if progress else None,
+            sampler=sampler,
+            adaptive=adaptive,
+            return_report=True,
         )
         if output_type != "latent":
             images = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        if not return_dict:
+            return (images,)
+        return AsymFlowPipelineOutput(images=images, nfe=report.nfe, sigmas=report.sigmas)
