@@ -97,10 +97,13 @@ def load_base_components(cfg: BaseModelConfig, parts: tuple[Part, ...] = ALL_PAR
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
         from transformers import AutoTokenizer, Qwen3ForCausalLM
 
+        # Loaded straight in `dtype`: without torch_dtype diffusers loads fp32 first (36 GB for klein 9B) and the cast
+        # below would hold both copies at once.
         builders = {
-            "transformer": lambda: Flux2Transformer2DModel.from_pretrained(cfg.path, subfolder="transformer"),
-            "vae": lambda: AutoencoderKLFlux2.from_pretrained(cfg.path, subfolder="vae"),
-            "text_encoder": lambda: Qwen3ForCausalLM.from_pretrained(cfg.path, subfolder="text_encoder"),
+            "transformer": lambda: Flux2Transformer2DModel.from_pretrained(cfg.path, subfolder="transformer",
+                                                                           torch_dtype=dtype),
+            "vae": lambda: AutoencoderKLFlux2.from_pretrained(cfg.path, subfolder="vae", torch_dtype=dtype),
+            "text_encoder": lambda: Qwen3ForCausalLM.from_pretrained(cfg.path, subfolder="text_encoder", dtype=dtype),
             "tokenizer": lambda: AutoTokenizer.from_pretrained(cfg.path, subfolder="tokenizer"),
         }
     for part in parts:

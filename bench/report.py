@@ -95,6 +95,14 @@ NOTES = {
                          "bench-size sampling steps one decode costs — at klein's real width the transformer step is "
                          "~100× dearer and the decode a few % of a 4-step sample (docs/SCALING.md).",
     "gpu_step": "Not run: no CUDA device has been lent to this project yet.",
+    "build_memory": "Host memory of building the trainer's models on a ~400 M-parameter FLUX.2-shaped model saved as a "
+                    "bf16 diffusers directory, each path in a fresh process: `current` = the worker's "
+                    "build_student_and_teacher (load in bf16, conversion takes over the base's tensors, tied teacher), "
+                    "`previous` = fp32 load + cast, cloned conversion, deep-copied teacher; both then "
+                    "deepspeed.initialize (ZeRO-3, 1 rank). RssAnon/RssFile are sampled every 5 ms. Safetensors weights "
+                    "are mmapped: their file pages count in RSS but are shared by a node's ranks through the page cache, "
+                    "so the private (RssAnon) rows say what each rank adds. At 1 rank the engine peak cannot fall "
+                    "below 1 × (the whole partition) + the trainable set's fp32 states (0.42× here).",
 }
 
 HAND_WRITTEN = ["demo_long.md"]  # bench/ files appended verbatim

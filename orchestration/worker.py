@@ -176,28 +176,16 @@ class Trainer:
         import diffusers  # noqa: F401  (DeepSpeed's ZeRO-3 hooks need diffusers and dynamo imported first)
         import torch._dynamo  # noqa: F401
 
-        from asymflow.components import load_base_components
-        from asymflow.convert import convert_transformer
         from asymflow.perceptual import build_image_distance
         from asymflow.subspace import SubspaceArtifact
-        from asymflow.teacher import make_teacher
-        from asymflow.trainable import apply_trainable
+        from orchestration.model_build import build_student_and_teacher
 
         cfg = self.cfg
         artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size,
                                          rank=cfg.subspace.rank)
-        latent = load_base_components(cfg.model, ("transformer",)).transformer
-        student = convert_transformer(latent, artifact.basis, artifact.scale)
-        del latent
-        # Tied (LoRA): the student's own modules + frozen copies of the fully trained ones, so ZeRO-3 partitions the
-        # teacher's base with the student's; a full copy only for full fine-tuning.
-        self.teacher = make_teacher(student, cfg.trainable.teacher_kind(), cfg.trainable.full_modules).to(self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.train.seed, 0xC0FFEE))  # LoRA init: identical on every rank and run
-            apply_trainable(student, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
-        student.train()
-        if cfg.train.activation_checkpointing:
-            student.enable_gradient_checkpointing()
+        student, teacher = build_student_and_teacher(cfg, artifact.basis, artifact.scale,
+                                                     lora_seed=derive_seed(cfg.train.seed, 0xC0FFEE))
+        self.teacher = teacher.to(self.device)
         self.student = student
         self.buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
         self.perceptual = build_image_distance(cfg.perceptual.kind, cfg.perceptual.weights_path, cfg.perceptual.seed)
