@@ -104,8 +104,10 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    from data_prep.format import load_manifest
     from data_prep.verify import verify_dataset
 
+    load_manifest(args.data)  # not a dataset at all is a usage error (exit 2), not a bad shard (exit 1)
     problems, summary = verify_dataset(args.data, full=args.full, show_progress=not args.no_progress)
     for problem in problems:
         print(f"FAIL {problem}", file=sys.stderr)

@@ -162,8 +162,9 @@ def load_manifest(data_dir: str) -> dict[str, Any]:
     try:
         with fsspec.open(path, "rb") as f:
             raw = f.read()
-    except FileNotFoundError as e:
-        raise FormatError(f"{path} not found: is {data_dir!r} a dataset written by `asymflow prep shards`?") from e
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise FormatError(f"{data_dir}: not a dataset ({INDEX_NAME} not found; datasets are written by "
+                          "`asymflow prep shards`)") from e
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as e:

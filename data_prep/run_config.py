@@ -12,8 +12,17 @@ from asymflow.components import BaseModelConfig
 
 def read_run_config(path: str) -> dict[str, Any]:
     """The YAML mapping at `path` (local or fsspec URL); other sections are validated by orchestration."""
-    with fsspec.open(path, "r", encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a config file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"run config {path} must be a YAML mapping, got {type(raw).__name__}")
     return raw
@@ -27,4 +36,5 @@ def load_model_config(path: str) -> BaseModelConfig:
     try:
         return BaseModelConfig.model_validate(raw["model"] or {})
     except ValidationError as exc:
-        raise ValueError(f"run config {path}: invalid `model:` section:\n{exc}") from exc
+        bad = "; ".join(f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{path}: invalid `model:` section: {bad}") from None

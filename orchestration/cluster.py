@@ -255,6 +255,10 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_up(args: argparse.Namespace) -> int:
+    for flag, value, low, high in (("--port", args.port, 1, 65535), ("--dashboard-port", args.dashboard_port, 1, 65535),
+                                   ("--num-cpus", args.num_cpus, 1, None)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise ValueError(f"{flag} {value}: must be in [{low}, {high or '∞'}]")
     if args.host not in LOOPBACK:
         print(NOAUTH_WARNING.format(host=args.host), file=sys.stderr)
     try:

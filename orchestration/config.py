@@ -268,7 +268,10 @@ class ConfigError(ValueError):
 
 def _coerce(text: str) -> Any:
     """YAML scalar semantics for `--set` values (1e-4 → float, true → bool, [1,2] → list, null → None)."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not YAML (e.g. an unbalanced bracket): the string as written, validated by its field
     # PyYAML reads `1e-4` as a string (YAML 1.1 needs a dot); numbers in overrides are meant as numbers.
     if isinstance(value, str):
         try:
@@ -278,77 +281,136 @@ def _coerce(text: str) -> Any:
     return value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted `key=value` overrides to a raw mapping (new dict; sections are created as needed)."""
+def _set(out: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    parts = key.strip().split(".")
+    node = out
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], flags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply dotted `key=value` overrides (YAML-typed) then explicit flags (`{"run.name": "2024"}`, taken as given:
+    a flag's string stays a string) to a raw mapping (new dict; sections are created as needed)."""
     out = json.loads(json.dumps(raw))
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"--set {item}: must look like section.key=value")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {key!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = _coerce(text)
+        kind = _text_field(key.strip())
+        value = _coerce(text) if kind is None or (kind == "optional" and text.strip() in ("null", "~")) else text
+        _set(out, key, value, f"--set {item}")
+    for key, value in (flags or {}).items():
+        _set(out, key, value, key)
     return out
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid run config {source}:"]
+def _text_field(key: str) -> str | None:
+    """"text" / "optional" for a string field (run.name, data.path, ...), else None: `--set run.name=2024` means
+    the text "2024", not the number."""
+    model: Any = RunConfig
+    field = None
+    for part in key.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        model = field.annotation
+    if field is None:
+        return None
+    return "text" if field.annotation is str else "optional" if field.annotation == (str | None) else None
+
+
+def config_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the run config (sections and fields), for suggestions."""
+    model = model or RunConfig
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(config_keys(ann, f"{prefix}{name}."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    """` (did you mean `train.lr`?)` for an unknown dotted key, or ''."""
+    import difflib
+
+    keys = config_keys()
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
+    match = (difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+             or difflib.get_close_matches(key, keys, n=1, cutoff=0.6))
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _origin(field: str, overrides: list[str], flags: dict[str, str]) -> str | None:
+    """Which command-line item set `field` (or a value inside it), if any; the last one wins, as when applied."""
+    for key, flag in reversed(list(flags.items())):
+        if field == key or field.startswith(key + "."):
+            return flag
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+            return f"--set {item}"
+    return None
+
+
+def _format_errors(exc: ValidationError, source: str, overrides: list[str] = (),
+                   flags: dict[str, str] | None = None) -> str:
+    """One line: each bad field, blamed on the `--set`/flag that set it or on the YAML file."""
+    parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {field}: {err['msg']}")
-    return "\n".join(lines)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key{_suggest(field)}"
+        origin = _origin(field, list(overrides), flags or {})
+        if origin is None and err["type"] == "extra_forbidden":
+            origin = source
+        parts.append(f"{origin or source}: {field}: {msg}")
+    return "invalid run config: " + "; ".join(parts)
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    with fsspec.open(path, "r", encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"run config {path} must be a YAML mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(raw).__name__}")
     return raw
 
 
-def build_config(raw: dict[str, Any], overrides: list[str] = (), source: str = "<dict>") -> RunConfig:
-    """Validate a raw mapping plus overrides; raises ConfigError naming each bad field."""
+def build_config(raw: dict[str, Any], overrides: list[str] = (), source: str = "<dict>",
+                 flags: dict[str, Any] | None = None, flag_names: dict[str, str] | None = None) -> RunConfig:
+    """Validate a raw mapping plus overrides and flags; raises ConfigError naming each bad field and where it came
+    from. `flag_names` maps a dotted key to the flag that set it (`{"run.name": "--name 2024"}`) for messages."""
     try:
-        return RunConfig.model_validate(apply_overrides(raw, list(overrides)))
+        return RunConfig.model_validate(apply_overrides(raw, list(overrides), flags))
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        names = flag_names or {k: f"{k}={v}" for k, v in (flags or {}).items()}
+        raise ConfigError(_format_errors(exc, source, list(overrides), names)) from None
 
 
-def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
-    """Read YAML at `path` (local or fsspec URL) and apply dotted overrides."""
-    return build_config(read_yaml(path), overrides, source=path)
-
-
-def check_inputs(cfg: RunConfig) -> None:
-    """Checks that need the filesystem: the manifest exists, every shard it lists exists, the subspace artifact
-    matches the model's patch size and rank. Runs on the driver, before any worker starts."""
-    from asymflow.subspace import SubspaceArtifact
-    from data_prep.format import FormatError, join
-    from data_prep.reader import DatasetIndex
-
-    try:
-        index = DatasetIndex.open(cfg.data.path)
-    except (FormatError, FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"data.path: {exc}") from None
-    missing = [s["name"] for s in index.manifest["shards"] if not index.fs.exists(join(cfg.data.path, s["name"]))]
-    if missing:
-        raise ConfigError(f"data.path: {len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[:3]}")
-    if not index.has_cache:
-        raise ConfigError(f"data.path: {cfg.data.path} has no latent/text cache; run `asymflow prep cache`")
-    path = cfg.subspace_path
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if not fs.exists(fs_path):
-        raise ConfigError(f"subspace.path: subspace artifact {path} does not exist (run `asymflow prep subspace`)")
-    try:
-        SubspaceArtifact.load(local_file(path), patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
-    except ValueError as exc:
-        raise ConfigError(f"subspace.path: {exc}") from None
+def load_config(path: str, overrides: list[str] = (), flags: dict[str, Any] | None = None,
+                flag_names: dict[str, str] | None = None) -> RunConfig:
+    """Read YAML at `path` (local or fsspec URL) and apply dotted overrides, then explicit flags."""
+    return build_config(read_yaml(path), overrides, source=path, flags=flags, flag_names=flag_names)
 
 
 def local_file(path: str) -> str:
@@ -362,5 +424,6 @@ def save_resolved(cfg: RunConfig, run_dir: str) -> str:
     fs, fs_path = fsspec.core.url_to_fs(path)
     fs.makedirs(str(Path(fs_path).parent), exist_ok=True)
     with fs.open(fs_path, "w") as f:
+        f.write("# Resolved run config: the YAML file, then --set overrides, then flags; local paths made absolute.\n")
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     return path

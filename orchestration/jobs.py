@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.ledger import LIVE_STATES, Ledger, parse_submission_id, redact_overrides, submission_id
+from orchestration.stop_request import clear_stop_request, request_stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKING_DIR_EXCLUDES = [".venv", ".git", ".cache", "demo-output", "runs", "wandb", "__pycache__", "*.egg-info",
@@ -197,11 +198,11 @@ class Resolved:
 def resolve(a: SubmitArgs) -> Resolved:
     """Load and validate CONFIG with the flags applied (a bad config fails here, before any job exists)."""
     from orchestration.config import load_config
-    from orchestration.train_cli import cli_overrides
+    from orchestration.train_cli import cli_flags
 
-    flags = argparse.Namespace(overrides=a.overrides, data=_abs(a.data), storage=_abs(a.storage), name=a.name,
-                               steps=a.steps, workers=a.workers, address=None)
-    cfg = load_config(a.config, cli_overrides(flags))
+    flags, names = cli_flags(argparse.Namespace(data=_abs(a.data), storage=_abs(a.storage), name=a.name,
+                                                steps=a.steps, workers=a.workers, address=None))
+    cfg = load_config(a.config, a.overrides, flags, names)
     storage = _abs(cfg.run.storage)
     return Resolved(run=cfg.run.name, storage=storage, data=_abs(str(cfg.data.path)), total_steps=cfg.train.steps,
                     config_hash=cfg.config_hash(), run_dir=f"{storage.rstrip('/')}/{cfg.run.name}")
@@ -429,28 +430,6 @@ def list_runs(storage: str | None, address: str | None) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------- stop
 
-# Runs as a short helper job on the cluster: SIGTERM to the Ray Train worker actors of one job, on their own nodes.
-# Workers turn the first SIGTERM into the preemption flag (orchestration.preemption): all ranks agree at the next
-# step boundary, commit a checkpoint, then exit.
-_SIGNAL_WORKERS = r"""
-import json, os, signal, sys
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from ray.util.state import list_actors
-ray.init(logging_level="ERROR")
-job_id = sys.argv[1]
-actors = [a for a in list_actors(filters=[("job_id", "=", job_id), ("state", "=", "ALIVE")], detail=True, limit=10000)
-          if "TrainWorker" in a.class_name]
-@ray.remote(num_cpus=0)
-def term(pid):
-    os.kill(pid, signal.SIGTERM)
-    return pid
-refs = [term.options(scheduling_strategy=NodeAffinitySchedulingStrategy(a.node_id, soft=False)).remote(a.pid)
-        for a in actors]
-print("ASYMFLOW_SIGNALLED " + json.dumps(ray.get(refs)))
-"""
-
-
 def _wait_terminal(client: Any, sid: str, timeout_s: float) -> str | None:
     deadline = time.time() + timeout_s
     while True:
@@ -460,28 +439,19 @@ def _wait_terminal(client: Any, sid: str, timeout_s: float) -> str | None:
         time.sleep(1.0)
 
 
-def signal_workers(client: Any, target_sid: str, timeout_s: float = 120.0) -> list[int]:
-    """SIGTERM the Ray Train workers of job `target_sid` through a helper job; returns the PIDs signalled."""
-    job_id = client.get_job_info(target_sid).job_id
-    if not job_id:
-        return []
-    helper = f"{target_sid}-sigterm-{int(time.time())}"
-    client.submit_job(entrypoint=shlex.join([PYTHON, "-c", _SIGNAL_WORKERS, job_id]), submission_id=helper,
-                      entrypoint_num_cpus=0, metadata={"asymflow_helper": "stop"},
-                      runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    state = _wait_terminal(client, helper, timeout_s)
-    logs = client.get_job_logs(helper)
-    m = re.search(r"ASYMFLOW_SIGNALLED (\[.*\])", logs)
-    if state != "SUCCEEDED" or not m:
-        raise RuntimeError(f"could not signal the workers of {target_sid} (helper job {helper} {state}): "
-                           f"{logs[-1000:]}")
-    return json.loads(m.group(1))
+def stopped_event(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
+    """The `stopped` event rank 0 appends after committing the checkpoint of stop request `request_id`."""
+    return next((e for e in reversed(ledger.read()) if e.get("kind") == "stopped"
+                 and e.get("request_id") == request_id), None)
 
 
 def stop_run(storage: str, run: str, address: str | None = None, now: bool = False,
              timeout_s: float = DEFAULT_STOP_GRACE_S, out=print) -> dict[str, Any]:
-    """Graceful stop: SIGTERM the workers (preemption path → a checkpoint at the next step boundary), wait for
-    that checkpoint, then `stop_job` (SIGTERM to the driver, SIGKILL after the job's grace). `now`: only stop_job."""
+    """Graceful stop: write the run's stop marker (orchestration.stop_request), then `stop_job` — Ray SIGTERMs the
+    driver, which keeps waiting while every rank sees the marker at the next step boundary, commits a checkpoint and
+    returns; the driver then exits and the job ends STOPPED. This waits for the job to end and reads the stop's step
+    from the ledger. Stock `ray job stop` takes the same path (the driver writes the marker on SIGTERM).
+    `now`: the driver exits at once, no checkpoint."""
     storage = _abs(storage)
     run_dir = f"{storage.rstrip('/')}/{run}"
     ledger = Ledger.for_run(storage, run)
@@ -496,31 +466,27 @@ def stop_run(storage: str, run: str, address: str | None = None, now: bool = Fal
         return {"action": "not-live", "run": run}
     sid, _ = live
     before = latest_checkpoint_step(run_dir)
-    ledger.append("stop_requested", submission_id=sid, graceful=not now, checkpoint_before=before)
-    checkpoint = None
-    if not now:
-        pids = signal_workers(client, sid)
-        out(f"asked {len(pids)} training worker(s) of {sid} to checkpoint and stop")
-        deadline = time.time() + timeout_s
-        while time.time() < deadline and job_status(client, sid) in LIVE_STATES:
-            preempted = progress_from_logs(client.get_job_logs(sid)).get("preempted_at", [])
-            step = latest_checkpoint_step(run_dir)
-            if preempted and (before is None or preempted[-1] > before):
-                checkpoint = preempted[-1]
-                break
-            if step is not None and (before is None or step > before) and not pids:
-                checkpoint = step
-                break
-            time.sleep(1.0)
-        if checkpoint is None:
-            out(f"no new checkpoint within {timeout_s:.0f}s; stopping anyway (last complete: {before})")
-        else:
-            out(f"checkpoint at step {checkpoint} committed")
+    request = request_stop(run_dir, source="asymflow stop", now=now, submission_id=sid)
+    ledger.append("stop_requested", submission_id=sid, graceful=not now, checkpoint_before=before,
+                  request_id=request["id"])
     client.stop_job(sid)
-    state = _wait_terminal(client, sid, 60.0)
+    out(f"asked job {sid} to {'stop now' if now else 'checkpoint at the next step and stop'}")
+    state = _wait_terminal(client, sid, timeout_s)
+    event = stopped_event(ledger, request["id"])
+    checkpoint = int(event["step"]) if event else None
+    if state in LIVE_STATES:
+        out(f"job {sid} still {state} after {timeout_s:.0f}s; Ray kills it after its stop grace (submit "
+            f"--stop-grace); the stop request stays in {run_dir}")
+    else:
+        clear_stop_request(run_dir)  # not consumed (e.g. the job ended before a step boundary): never stop a later one
+    if checkpoint is not None:
+        out(f"checkpoint at step {checkpoint} committed")
+    elif not now:
+        out(f"the job ended without a stop checkpoint (last complete: {latest_checkpoint_step(run_dir)})")
     record_state(ledger, sid, state)
-    record_checkpoint(ledger, run_dir, latest_checkpoint_step(run_dir))
-    out(f"job {sid} {state}; resubmit the same run to resume from step {latest_checkpoint_step(run_dir)}")
+    latest = latest_checkpoint_step(run_dir)
+    record_checkpoint(ledger, run_dir, latest)
+    out(f"job {sid} {state}; resubmit the same run to resume from step {latest}")
     return {"action": "stopped", "submission_id": sid, "state": state, "checkpoint": checkpoint}
 
 
@@ -598,14 +564,16 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
     p.set_defaults(func=_run_logs)
 
-    p = sub.add_parser("stop", help="stop a run gracefully: checkpoint at the next step, then stop the job")
+    p = sub.add_parser("stop", help="stop a run gracefully: checkpoint at the next step, then the job ends",
+                       description="Writes RUN_DIR/STOP and stops the job; every worker sees the request at the next "
+                       "step boundary, commits a checkpoint and ends. `ray job stop ID` does the same.")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--storage", default="runs", help=storage_help)
     p.add_argument("--address", help=addr_help)
     p.add_argument("--now", action="store_true", help="no checkpoint: stop the job right away (work since the "
                    "last checkpoint is lost)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_STOP_GRACE_S, help="seconds to wait for the "
-                   f"checkpoint [{DEFAULT_STOP_GRACE_S}]")
+    p.add_argument("--timeout", type=float, default=DEFAULT_STOP_GRACE_S, help="seconds to wait for the job "
+                   f"to end [{DEFAULT_STOP_GRACE_S}]")
     p.set_defaults(func=_run_stop)
 
     p = sub.add_parser("list", help="runs under a storage path (and asymflow jobs on a cluster)")
@@ -615,48 +583,32 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_list)
 
 
-def _error(exc: BaseException) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2 if isinstance(exc, ValueError) else 1
+# Errors propagate to `orchestration.cli.main`, which prints one `error:` line with the exit code for its kind.
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from orchestration.config import ConfigError
-
     a = SubmitArgs(config=args.config, name=args.name, storage=args.storage, data=args.data, steps=args.steps,
                    workers=args.workers, overrides=args.overrides, prep=args.prep,
                    prep_resolution=args.prep_resolution, working_dir=None if args.no_working_dir else str(REPO_ROOT),
                    stop_grace_s=args.stop_grace, requirements=args.requirements)
-    try:
-        submit(a, args.address, again=args.again)
-    except (ConfigError, ValueError) as exc:
-        return _error(exc)
-    except (RuntimeError, ConnectionError, OSError) as exc:
-        return _error(RuntimeError(str(exc)))
+    submit(a, args.address, again=args.again)
     return 0
 
 
 def _run_status(args: argparse.Namespace) -> int:
     info = run_status(args.storage, args.run, args.address)
     if info["submission_id"] is None:
-        print(f"error: no submission of run {args.run} under {args.storage}", file=sys.stderr)
-        return 2
+        raise ValueError(f"no submission of run {args.run} under {args.storage}")
     print(json.dumps(info, indent=2) if args.json else format_status(info))
     return 0
 
 
 def _run_logs(args: argparse.Namespace) -> int:
-    try:
-        return run_logs(args.storage, args.run, args.address, args.follow, args.attempt)
-    except ValueError as exc:
-        return _error(exc)
+    return run_logs(args.storage, args.run, args.address, args.follow, args.attempt)
 
 
 def _run_stop(args: argparse.Namespace) -> int:
-    try:
-        stop_run(args.storage, args.run, args.address, now=args.now, timeout_s=args.timeout)
-    except (ValueError, RuntimeError) as exc:
-        return _error(exc)
+    stop_run(args.storage, args.run, args.address, now=args.now, timeout_s=args.timeout)
     return 0
 
 

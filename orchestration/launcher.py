@@ -8,7 +8,9 @@ from typing import Any
 import fsspec
 
 from orchestration import checkpoint as ckpt
-from orchestration.config import ConfigError, RunConfig, check_inputs, save_resolved
+from orchestration.config import ConfigError, RunConfig, save_resolved
+from orchestration.preflight import check_inputs, resolve_local_paths
+from orchestration.stop_request import DriverStopHandler, clear_stop_request
 
 
 @dataclass
@@ -16,6 +18,7 @@ class LaunchResult:
     run_dir: str
     error: BaseException | None
     metrics: dict[str, Any] | None
+    stopped_at: int | None = None  # the checkpoint step of a requested stop (the run is not finished)
 
 
 def check_run_dir(cfg: RunConfig, overwrite: bool) -> ckpt.Restored | None:
@@ -67,15 +70,28 @@ def build_scaling_config(cfg: RunConfig):
                          placement_strategy=cfg.run.placement_strategy)
 
 
+def stopped_step(cfg: RunConfig) -> int | None:
+    """The step of the latest checkpoint when the workers ended on a stop request before `train.steps`."""
+    restore = ckpt.find_restore_point(cfg.run_dir)
+    if restore is None or restore.step >= cfg.train.steps or not restore.state.get("stopped"):
+        return None
+    return restore.step
+
+
 def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> LaunchResult:
     """Validate inputs, then run the worker group to `train.steps` (resuming from the latest checkpoint)."""
+    cfg = resolve_local_paths(cfg)
     if check:
         check_inputs(cfg)
     restore = check_run_dir(cfg, overwrite)
     if restore is not None and restore.step >= cfg.train.steps:
         return LaunchResult(cfg.run_dir, None, {"step": restore.step})
     save_resolved(cfg, cfg.run_dir)
+    if clear_stop_request(cfg.run_dir):  # this launch is the request to train again
+        print(f"[asymflow] removed an earlier stop request from {cfg.run_dir}", flush=True)
     started = maybe_init_ray(cfg)
+    on_sigterm = DriverStopHandler(cfg.run_dir, log=lambda line: print(line, flush=True))
+    on_sigterm.install()
     try:
         import ray
 
@@ -105,8 +121,10 @@ def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> Launc
             error, metrics = result.error, result.metrics
         except Exception as exc:  # TrainingFailedError once max_failures is exhausted
             error, metrics = exc, None
-        return LaunchResult(cfg.run_dir, error, metrics)
+        clear_stop_request(cfg.run_dir)  # a request that came after the last step has nothing left to stop
+        return LaunchResult(cfg.run_dir, error, metrics, stopped_at=None if error else stopped_step(cfg))
     finally:
+        on_sigterm.uninstall()
         if started:
             import ray
 

@@ -73,12 +73,16 @@ def maybe_ray_preemption_notice() -> bool:
         return False
 
 
-def agree_to_stop(local: bool) -> bool:
-    """All-reduce MAX of the local flags: every rank gets the same answer at the same step boundary."""
+CONTINUE, PREEMPT, STOP = 0, 1, 2  # what a rank wants at a step boundary; a stop outranks a preemption
+
+
+def agree_to_stop(local: int) -> int:
+    """All-reduce MAX of the local wishes (CONTINUE / PREEMPT / STOP): every rank gets the same answer at the same
+    step boundary. A stop wins over a preemption: one checkpoint, and the run ends instead of restarting."""
     if not (dist.is_available() and dist.is_initialized()):
-        return local
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        return int(local)
+    flag = torch.tensor([int(local)], dtype=torch.int32)
     if dist.get_backend() == "nccl":
         flag = flag.cuda()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return int(flag.item())

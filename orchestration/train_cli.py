@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -48,27 +49,35 @@ def set_process_environment() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
 
 
-def cli_overrides(args: argparse.Namespace) -> list[str]:
-    """The explicit flags as dotted overrides, applied after --set so they win."""
-    flags = {"data.path": args.data, "run.storage": args.storage, "run.name": args.name, "train.steps": args.steps,
-             "train.workers": args.workers, "run.ray_address": args.address}
-    return [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+FLAG_KEYS = {"data": "data.path", "storage": "run.storage", "name": "run.name", "steps": "train.steps",
+             "workers": "train.workers", "address": "run.ray_address"}
+
+
+def cli_flags(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The explicit flags as {dotted key: value taken as given} (applied after --set, so they win) and
+    {dotted key: "--flag value"} for error messages."""
+    values = {key: getattr(args, attr, None) for attr, key in FLAG_KEYS.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    names = {key: f"--{attr} {getattr(args, attr)}" for attr, key in FLAG_KEYS.items() if key in values}
+    return values, names
 
 
 def _run_train(args: argparse.Namespace) -> int:
     set_process_environment()
-    from orchestration.config import ConfigError, load_config
+    from orchestration.config import load_config
     from orchestration.launcher import launch
 
-    try:
-        cfg = load_config(args.config, cli_overrides(args))
-        result = launch(cfg, overwrite=args.overwrite)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # A ConfigError (bad config, failed preflight) propagates to `orchestration.cli.main`: one line, exit 2.
+    flags, names = cli_flags(args)
+    result = launch(load_config(args.config, args.overrides, flags, names), overwrite=args.overwrite)
     if result.error is not None:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+        # Ray's error carries the workers' tracebacks, already in the log above: one line here.
+        first = next((line for line in str(result.error).splitlines() if line.strip()), type(result.error).__name__)
+        print(f"error: training failed: {first}", file=sys.stderr)
         return 1
+    if result.stopped_at is not None:
+        print(f"stopped: checkpoint at step {result.stopped_at} in {result.run_dir}; the same command resumes")
+        return 0
     print(f"done: {result.run_dir}")
     return 0
 

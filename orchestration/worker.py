@@ -17,7 +17,9 @@ import torch.distributed as dist
 from orchestration import checkpoint as ckpt
 from orchestration.config import RunConfig, local_file
 from orchestration.goodput import Goodput, executed_steps
-from orchestration.preemption import Preempted, PreemptionFlag, agree_to_stop, maybe_ray_preemption_notice
+from orchestration.preemption import (CONTINUE, PREEMPT, STOP, Preempted, PreemptionFlag, agree_to_stop,
+                                      maybe_ray_preemption_notice)
+from orchestration.stop_request import StopPoller, clear_stop_request, read_stop_request
 
 KEYS_LOG = "keys.jsonl"  # per-step consumed sample keys (rank 0, global batch order): resume tests compare these
 KEYS_DIR = "keys"  # object storage cannot append: one `keys/step-N.json` object per step instead of KEYS_LOG
@@ -104,6 +106,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.device = torch.device(f"cuda:{local_rank}" if cfg.train.use_gpu else "cpu")
         self.flag = PreemptionFlag()
+        self.stop_poller = StopPoller(cfg.run_dir)
         self.counters = Counters()
         self.goodput = Goodput()
         self.wandb_run = None
@@ -127,17 +130,39 @@ class Trainer:
         while step < total:
             self.train_step(step)
             step += 1
-            stop = agree_to_stop(self.flag.is_set() or self.maybe_preemption_notice(step))
-            if step % self.cfg.checkpoint.every == 0 or step == total or stop:
-                self.save_checkpoint(step, preempted=stop)
-            self.maybe_log(step, total)
+            wish = agree_to_stop(self.local_wish(step))
+            if step % self.cfg.checkpoint.every == 0 or step == total or wish:
+                self.save_checkpoint(step, preempted=wish != CONTINUE, stopped=wish == STOP)
+            self.maybe_log(step, total, force=wish != CONTINUE)
             self.maybe_sample(step)
-            if stop:
+            if wish == PREEMPT:
                 self.log_line(f"preempted: checkpoint at step {step} committed; exiting for a restart")
                 raise Preempted(f"preempted at step {step}")
+            if wish == STOP:
+                self.end_on_stop(step)
+                return
         self.loader.close()
         self.log_summary(total)
         self.maybe_export(total)
+        self.finish()
+
+    def local_wish(self, step: int) -> int:
+        """This rank's wish at the boundary after `step`: STOP (the run's stop marker), PREEMPT (SIGTERM or Ray's
+        notice) or CONTINUE. The notice is polled first and unconditionally: it is a Ray collective."""
+        preempt = self.maybe_preemption_notice(step) or self.flag.is_set()
+        return STOP if self.stop_poller.requested() else PREEMPT if preempt else CONTINUE
+
+    def end_on_stop(self, step: int) -> None:
+        """A requested stop: the checkpoint is committed; rank 0 records it in the ledger (what `asymflow stop`
+        waits for) and removes the marker; then the training function returns normally, which Ray Train does not
+        restart. No export: the run is not finished."""
+        self.loader.close()
+        if self.rank == 0:
+            request = read_stop_request(self.run_dir) or {}
+            self.append_to_ledger("stopped", step=step, request_id=request.get("id"), source=request.get("source"))
+            clear_stop_request(self.run_dir)
+            self.log_line(f"stopped: checkpoint at step {step} committed; run the same command to resume")
+        self.barrier()
         self.finish()
 
     def maybe_preemption_notice(self, step: int) -> bool:
@@ -223,7 +248,8 @@ class Trainer:
         # The empty-prompt embedding replaces dropped captions (only needed when caption dropout is on).
         self.negative_embeds = index.negative_embeds()[None] if self.cfg.objective.caption_dropout > 0 else None
         return RankLoader(index, self.cfg.data, rank=self.rank, world_size=self.world_size, micro_batch=t.micro_batch,
-                          grad_accum=self.accum, global_batch=t.global_batch, state=data_state)
+                          grad_accum=self.accum, global_batch=t.global_batch, state=data_state,
+                          pin_memory=t.use_gpu)
 
     # ------------------------------------------------------------------ restore
 
@@ -312,7 +338,8 @@ class Trainer:
         keys: list[str] = []
         for micro, batch in enumerate(micro_batches):
             keys.extend(batch["keys"])
-            tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            # Pinned on GPU runs (the loader's pin_memory), so these copies overlap with the previous kernels.
+            tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             if self.negative_embeds is not None:
                 tensors["negative_embeds"] = self.negative_embeds.to(self.device)
             generator = torch.Generator().manual_seed(derive_seed(t.seed, step, self.rank, micro))
@@ -357,7 +384,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def save_checkpoint(self, step: int, preempted: bool = False) -> None:
+    def save_checkpoint(self, step: int, preempted: bool = False, stopped: bool = False) -> None:
         """All ranks: engine files; rank 0: consolidated trainable + EMA safetensors and state.json; then rank 0
         commits (rename + COMPLETE last + keep-last-k) after a barrier."""
         t0 = time.perf_counter()
@@ -378,7 +405,7 @@ class Trainer:
         if self.rank == 0:
             ckpt.save_tensors(f"{staging}/{ckpt.TRAINABLE}", {**trainable, **self.buffers})
             ckpt.save_tensors(f"{staging}/{ckpt.EMA}", {**ema, **self.buffers})
-            ckpt.write_state(f"{staging}/{ckpt.STATE}", self.state_dict(step, preempted))
+            ckpt.write_state(f"{staging}/{ckpt.STATE}", {**self.state_dict(step, preempted), "stopped": stopped})
         self.barrier()
         if self.rank == 0:
             ckpt.commit_checkpoint(self.run_dir, step, self.cfg.checkpoint.keep, self.retry)
@@ -424,8 +451,9 @@ class Trainer:
         if interruptions:
             self.wandb_run.summary["interruption_log"] = [_brief(e) for e in interruptions]
 
-    def maybe_log(self, step: int, total: int) -> None:
-        if step % self.cfg.log.every and step != total:
+    def maybe_log(self, step: int, total: int, force: bool = False) -> None:
+        """Every `log.every` steps, the last step, and (`force`) the step a stop or preemption checkpoints at."""
+        if step % self.cfg.log.every and step != total and not force:
             return
         c = self.counters
         step_time = c.step_time_s / max(c.window_steps, 1)
@@ -535,8 +563,11 @@ class Trainer:
         )
 
     def log_line(self, text: str) -> None:
+        """One line on rank 0's process stdout, which Ray streams to the driver. Not `print`: Ray Train patches it
+        to log through its logger and, once wandb wraps sys.stdout, also to the wrapped stream — every line twice."""
         if self.rank == 0:
-            print(f"[asymflow] {text}", flush=True)
+            sys.__stdout__.write(f"[asymflow] {text}\n")
+            sys.__stdout__.flush()
 
     def maybe_export(self, step: int) -> None:
         """The adapter directory from the EMA weights of the final checkpoint (rank 0)."""

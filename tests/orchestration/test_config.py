@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.config import ConfigError, apply_overrides, build_config, check_inputs, load_config
+from orchestration.config import ConfigError, apply_overrides, build_config, load_config
+from orchestration.preflight import check_inputs
 from orchestration.deepspeed_config import build_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +42,10 @@ def test_overrides_coerce_types_and_create_sections():
 @pytest.mark.parametrize(
     ("override", "field", "detail"),
     [
-        ("train.bogus=1", "train.bogus", "Extra inputs"),
-        ("bogus.key=1", "bogus", "Extra inputs"),
+        ("train.bogus=1", "train.bogus", "unknown key"),
+        ("train.lrr=1", "train.lrr", "did you mean `train.lr`?"),
+        ("trian.lr=1", "trian", "did you mean `train`?"),
+        ("bogus.key=1", "bogus", "unknown key"),
         ("train.lr=fast", "train.lr", "valid number"),
         ("train.global_batch=5", "train.global_batch=5", "1 × 2 = 2"),
         ("train.grad_accum=3", "train.global_batch=4", "1 × 2 × 3 = 6"),

@@ -267,37 +267,81 @@ def test_live_run_is_not_duplicated_crash_resumes_stop_checkpoints_and_resumes(h
     assert info["resumed_from"][-1] == crashed_at
     assert f"resumed from {run_dir}/checkpoints/step-{crashed_at:08d}" in cli.logs("b")
 
-    # 4. Graceful stop: the workers checkpoint at the next step boundary, then the job is stopped.
-    out = cli("stop", "b", "--storage", str(cli.storage), "--timeout", "240").stdout
-    m = re.search(r"checkpoint at step (\d+) committed", out)
-    assert m, out
-    stopped_at = int(m.group(1))
-    assert crashed_at < stopped_at < STEPS_B
-    state = json.loads((run_dir / "checkpoints" / f"step-{stopped_at:08d}" / "state.json").read_text())
-    assert state["preempted"] is True and state["step"] == stopped_at
-    info = cli.status("b")
-    assert info["state"] == "STOPPED" and info["last_checkpoint"] == stopped_at
+    # 4. Graceful stop under load (a CPU burner on this 2-core box): the stop marker is seen by every rank at the
+    #    next step boundary, they checkpoint and end without a Ray Train restart; `stop` waits for the job to end and
+    #    names the step of that checkpoint (not a log line).
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out = cli("stop", "b", "--storage", str(cli.storage), "--timeout", "240").stdout
+    finally:
+        burner.kill()
+        burner.wait()
+    stopped_at = _assert_stopped(cli, run_dir, out, after=crashed_at, source="asymflow stop")
 
-    # 5. Resubmit: attempt 3 resumes from the stop checkpoint and finishes.
+    # 5. Resubmit: attempt 3 resumes from the stop checkpoint; stock `ray job stop` is as graceful (the driver turns
+    #    its SIGTERM into the same stop request).
     assert f"resumes from checkpoint step {stopped_at}" in _submit_b(cli, data)
+    cli.wait("b", lambda i: i["state"] == "RUNNING" and (i["step"] or 0) > stopped_at + 1, every=1.0)
+    stock = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", "--address", address,
+                            "asymflow-b-3"], cwd=REPO, env={**cli.env, "RAY_AUTH_MODE": "token"},
+                           capture_output=True, text=True, timeout=300)
+    assert stock.returncode == 0, stock.stdout + stock.stderr
+    info = cli.wait("b", lambda i: i["state"] not in ("PENDING", "RUNNING"), every=1.0)
+    stopped_again = _assert_stopped(cli, run_dir, None, after=stopped_at, source="SIGTERM to the driver")
+    assert "SIGTERM: the workers checkpoint at the next step and stop" in cli.logs("b")
+
+    # 6. Resubmit: attempt 4 resumes from the second stop and finishes.
+    assert f"resumes from checkpoint step {stopped_again}" in _submit_b(cli, data)
     info = cli.wait("b", lambda i: i["state"] not in ("PENDING", "RUNNING"))
     assert info["state"] == "SUCCEEDED", cli.logs("b")[-3000:]
-    assert info["last_checkpoint"] == STEPS_B and info["resumed_from"][0] == stopped_at
-    if len(set(info["resumed_from"])) > 1:  # the worker group restarted inside attempt 3 (training side)
+    assert info["last_checkpoint"] == STEPS_B and info["resumed_from"][0] == stopped_again
+    if len(set(info["resumed_from"])) > 1:  # the worker group restarted inside attempt 4 (training side)
         logs = cli.logs("b")
         at = logs.find(f"(step {sorted(set(info['resumed_from']))[1]},")
-        warnings.warn(f"attempt 3 resumed more than once {info['resumed_from']}:\n{logs[max(0, at - 4000):at + 300]}")
-    assert _jobs_of(address, cli.env, "b") == ["asymflow-b-1", "asymflow-b-2", "asymflow-b-3"]
+        warnings.warn(f"attempt 4 resumed more than once {info['resumed_from']}:\n{logs[max(0, at - 4000):at + 300]}")
+    attempts = ["asymflow-b-1", "asymflow-b-2", "asymflow-b-3", "asymflow-b-4"]
+    assert _jobs_of(address, cli.env, "b") == attempts
+    assert not [j for j in _all_job_ids(address, cli.env) if "sigterm" in j]  # no helper jobs left by `stop`
     assert "resumed from" not in cli.logs("b", "--attempt", "1")
 
     # The ledger tells the story without the head.
     events = Ledger.for_run(str(cli.storage), "b").read()
     subs = [e for e in events if e["kind"] == "submit"]
-    assert [e["submission_id"] for e in subs] == ["asymflow-b-1", "asymflow-b-2", "asymflow-b-3"]
-    assert [e["resume_from_step"] for e in subs] == [None, crashed_at, stopped_at]
+    assert [e["submission_id"] for e in subs] == attempts
+    assert [e["resume_from_step"] for e in subs] == [None, crashed_at, stopped_at, stopped_again]
     final = {e["submission_id"]: e["state"] for e in events if e["kind"] == "state"}
-    assert final == {"asymflow-b-1": "FAILED", "asymflow-b-2": "STOPPED", "asymflow-b-3": "SUCCEEDED"}
+    assert final == {"asymflow-b-1": "FAILED", "asymflow-b-2": "STOPPED", "asymflow-b-3": "STOPPED",
+                     "asymflow-b-4": "SUCCEEDED"}
     assert any(e["kind"] == "checkpoint" and e.get("wandb_run_id") for e in events)
+
+
+def _assert_stopped(cli: Cli, run_dir: Path, out: str | None, after: int, source: str) -> int:
+    """The run's last job ended STOPPED on a stop checkpoint: the workers' `stopped` ledger event names the step,
+    that checkpoint is complete and marked stopped, nothing trained past it, and no stop marker is left."""
+    events = [e for e in Ledger.for_run(str(cli.storage), "b").read() if e["kind"] == "stopped"]
+    assert events and events[-1]["source"] == source, events
+    step = int(events[-1]["step"])
+    if out is not None:
+        assert f"checkpoint at step {step} committed" in out, out
+        assert f"resume from step {step}" in out, out
+    assert after < step < STEPS_B
+    state = json.loads((run_dir / "checkpoints" / f"step-{step:08d}" / "state.json").read_text())
+    assert state["preempted"] is True and state["stopped"] is True and state["step"] == step
+    info = cli.status("b")
+    assert info["state"] == "STOPPED" and info["last_checkpoint"] == step, info
+    assert not (run_dir / "STOP").exists()
+    # Ended, not restarted: the last attempt's log stops once, at that step, and resumes nothing after it.
+    logs = cli.logs("b")
+    assert set(re.findall(r"\[asymflow\] stopped: checkpoint at step (\d+)", logs)) == {str(step)}, logs[-3000:]
+    assert "resumed from" not in logs.split("[asymflow] stopped: checkpoint at step", 1)[1]
+    return step
+
+
+def _all_job_ids(address: str, env: dict[str, str]) -> list[str]:
+    code = ("import json; from orchestration.jobs import connect; "
+            f"print(json.dumps([j.submission_id or '' for j in connect({address!r}).list_jobs()]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.integration
@@ -306,9 +350,9 @@ def test_list_shows_runs_and_no_output_contains_the_token(head):
     rows = json.loads(cli("list", "--storage", str(cli.storage), "--address", head["address"], "--json").stdout)
     by_run = {r["run"]: r for r in rows}
     assert by_run["a"]["state"] == "SUCCEEDED" and by_run["a"]["last_checkpoint"] == STEPS_A
-    assert by_run["b"]["state"] == "SUCCEEDED" and by_run["b"]["submission_id"] == "asymflow-b-3"
+    assert by_run["b"]["state"] == "SUCCEEDED" and by_run["b"]["submission_id"] == "asymflow-b-4"
     table = cli("list", "--storage", str(cli.storage)).stdout
-    assert re.search(r"^b\s+asymflow-b-3\s+SUCCEEDED\s+30/30\s+30\b", table, re.M), table
+    assert re.search(r"^b\s+asymflow-b-4\s+SUCCEEDED\s+30/30\s+30\b", table, re.M), table
     assert not any(TOKEN in o for o in cli.outputs)
     for ledger in cli.storage.glob("*/ledger.jsonl"):
         assert TOKEN not in ledger.read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.reader import DatasetIndex
+from data_prep.reader import DatasetIndex, read_cached
 from orchestration.data_plan import DataSection, DataState, plan_epoch
 from orchestration.cli import main as cli_main
 from orchestration.loader import RankLoader, UnreadableBucketError
@@ -87,7 +87,10 @@ def test_steps_follow_the_plan_with_stacked_bucket_homogeneous_tensors(dataset):
             assert m["images"].min() >= -1 and m["images"].max() <= 1
             assert m["latents"].shape == (2, 128, h // 16, w // 16) and m["latents"].dtype == torch.float32
             assert m["text_embeds"].ndim == 3 and m["text_embeds"].shape[0] == 2
-            assert m["text_embeds"].dtype == torch.float32
+            assert m["text_embeds"].dtype == torch.bfloat16  # half the bytes of fp32 to move, and exact:
+    key = steps[0][0]["keys"][0]  # the bf16 cache's values survive the bf16 batch bit for bit
+    row = next(i for i in range(len(index)) if index.row(i)["key"] == key)
+    assert torch.equal(steps[0][0]["text_embeds"][0].float(), read_cached(index, index.row(row))["text_embeds"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])

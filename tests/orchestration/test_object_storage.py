@@ -95,6 +95,26 @@ def test_commit_is_atomic_on_object_storage(s3):
 
 
 @pytest.mark.integration
+def test_stop_request_on_object_storage(s3):
+    """The stop marker round-trips through S3, and a poller whose client listed the run directory before the marker
+    existed still sees it (s3fs would otherwise answer from its cached listing)."""
+    from orchestration.stop_request import StopPoller, clear_stop_request, read_stop_request, request_stop
+
+    run = f"s3://{BUCKET}/stop/run"
+    request_stop(run, source="setup")
+    clear_stop_request(run)
+    poller = StopPoller(run, every_s=0.01)
+    poller.fs.ls(f"{BUCKET}/stop/run")  # fills the listing cache without the marker
+    assert not poller.requested()
+    request = request_stop(run, source="asymflow stop")
+    time.sleep(0.02)
+    assert poller.requested() and read_stop_request(run) == request
+    assert clear_stop_request(run) and read_stop_request(run) is None
+    time.sleep(0.02)
+    assert not poller.requested()
+
+
+@pytest.mark.integration
 def test_failing_uploads_retry_with_backoff_then_fail_clearly(s3, tmp_path):
     """An endpoint that is down for a while is retried until it comes up; one that stays down fails after the
     budget with an error naming the path and attempts (and no credential)."""

@@ -1,0 +1,162 @@
+"""Every command's error paths (in process, through `orchestration.cli.main`): one `error:` line naming the file,
+field or path, exit 2 for usage/config errors, no traceback unless --debug; plus the driver-side preflight."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestration.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port: connection refused at once
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cli-errors")
+    (root / "bad.yaml").write_text("train:\n  lr: [1,\n")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "empty").mkdir()
+    return {"bad": str(root / "bad.yaml"), "list": str(root / "list.yaml"), "dir": str(root / "empty"),
+            "missing": str(root / "missing.yaml"), "nodata": str(root / "empty"), "root": str(root)}
+
+
+# (argv with {placeholders}, exit code, text the single error line must contain)
+CASES = [
+    ([], 2, "required: COMMAND"),
+    (["bogus"], 2, "invalid choice: 'bogus'"),
+    (["train"], 2, "CONFIG"),
+    (["train", "{missing}"], 2, "{missing}: no such config file"),
+    (["train", "{dir}"], 2, "{dir}: is a directory"),
+    (["train", "{bad}"], 2, "{bad}: invalid YAML at line 3"),
+    (["train", "{list}"], 2, "{list}: a run config must be a YAML mapping"),
+    (["train", TINY, "--set", "train.lrr=1"], 2, "--set train.lrr=1: train.lrr: unknown key (did you mean `train.lr`?)"),
+    (["train", TINY, "--set", "train.lr=fast"], 2, "--set train.lr=fast: train.lr: Input should be a valid number"),
+    (["train", TINY, "--steps", "0"], 2, "--steps 0: train.steps: Input should be greater than 0"),
+    (["train", TINY, "--steps", "many"], 2, "--steps: invalid int value: 'many'"),
+    (["train", TINY, "--set", "nokeyvalue"], 2, "--set nokeyvalue: must look like section.key=value"),
+    (["train", TINY, "--name", "2024", "--data", "{nodata}"], 2, "data.path: {nodata}: not a dataset"),
+    (["submit", "{missing}"], 2, "{missing}: no such config file"),
+    (["submit", TINY, "--address", DEAD, "--storage", "{root}/s", "--data", "{nodata}"], 2,
+     "Failed to connect to Ray at address: " + DEAD),
+    (["status", "nosuch", "--storage", "{root}"], 2, "no submission of run nosuch"),
+    (["logs", "nosuch", "--storage", "{root}"], 2, "no submission of run nosuch"),
+    (["stop", "nosuch", "--storage", "{root}"], 2, "{root}/nosuch/ledger.jsonl has no submission"),
+    (["list", "--address", DEAD], 2, "Failed to connect to Ray at address: " + DEAD),
+    (["export", "{root}"], 2, "{root} has no complete checkpoint"),
+    (["export", "{root}", "--weights", "all"], 2, "--weights: invalid choice: 'all'"),
+    (["cluster"], 2, "required"),
+    (["cluster", "up", "--num-cpus", "0"], 2, "--num-cpus 0: must be in [1,"),
+    (["cluster", "down", "--port", "1"], 2, "unrecognized arguments: --port 1"),
+    (["prep"], 2, "required"),
+    (["prep", "shards", "{nodata}", "{root}/out", "--resolution", "100"], 2, "--resolution 100: must be a positive"),
+    (["prep", "shards", "{root}/none", "{root}/out"], 2, "input '{root}/none' does not exist"),
+    (["prep", "shards", "{nodata}", "{root}/out", "--aspect-ratios", "wide"], 2, "--aspect-ratios: expected"),
+    (["prep", "verify", "{nodata}"], 2, "{nodata}: not a dataset"),
+    (["prep", "stats", "{nodata}"], 2, "{nodata}: not a dataset"),
+    (["prep", "cache", "{nodata}", "--config", "{bad}"], 2, "{bad}: invalid YAML at line 3"),
+    (["prep", "cache", "{nodata}", "--config", "{missing}"], 2, "{missing}: no such config file"),
+    (["prep", "subspace", "{nodata}", "--config", TINY], 2, "{nodata}: not a dataset"),
+    (["prep", "subspace", "{nodata}", "--config", TINY, "--num-images", "x"], 2, "invalid int value: 'x'"),
+    (["serve", "bundled", "--port", "70000"], 2, "--port must be 1-65535"),
+    (["sample", "{nodata}"], 2, "required: --prompt"),
+]
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every leaf command of the console script, e.g. ("prep", "cache")."""
+    out = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out |= _commands(sub, (*prefix, name)) or {(*prefix, name)}
+    return out
+
+
+def test_every_command_has_a_bad_input_row():
+    missing = [c for c in _commands(build_parser()) if not any(tuple(argv[:len(c)]) == c for argv, _, _ in CASES)]
+    assert not missing, f"add bad-input rows to CASES for {missing}"
+
+
+@pytest.mark.parametrize(("argv", "code", "text"), CASES, ids=[" ".join(c[0])[:60] or "(none)" for c in CASES])
+def test_error_is_one_line_with_exit_code(argv, code, text, files, capsys, monkeypatch):
+    monkeypatch.delenv("ASYMFLOW_DEBUG", raising=False)
+    argv = [a.format(**files) for a in argv]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert text.format(**files) in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(files, capsys, monkeypatch):
+    assert main(["train", files["bad"], "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("ASYMFLOW_DEBUG", "1")
+    assert main(["train", files["bad"]]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("asymflow ")
+
+
+# ----------------------------------------------------------------------------------------------- preflight
+
+
+def _train_error(capsys, *args: str) -> str:
+    assert main(["train", TINY, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.integration
+def test_preflight_refuses_before_ray_starts(dataset, tmp_path, capsys):
+    """The data plan, the cache's model, the subspace's model and missing model/LPIPS files are found on the driver;
+    a relative --data is resolved to an absolute path first. No Ray session is started by any of these."""
+    from dataclasses import replace
+
+    import ray
+
+    from asymflow.subspace import SubspaceArtifact
+
+    storage = ["--storage", str(tmp_path / "runs")]
+    assert "no bucket holds a full global batch of 64 samples" in _train_error(
+        capsys, "--data", dataset, *storage, "--set", "train.global_batch=64")
+    relative = os.path.relpath(dataset)
+    err = _train_error(capsys, "--data", relative, *storage, "--set", "model.seed=1")
+    assert f"the cache in {dataset}/cache was built by model 'tiny:seed=0'" in err and "'tiny:seed=1'" in err
+    fitted = SubspaceArtifact.load(f"{dataset}/subspace.safetensors")
+    other = tmp_path / "other-subspace.safetensors"
+    replace(fitted, extra={**fitted.extra, "model_fingerprint": "tiny:seed=7"}).save(other)
+    assert "was fitted with model 'tiny:seed=7'" in _train_error(
+        capsys, "--data", dataset, *storage, "--set", f"subspace.path={other}")
+    assert "perceptual.weights_path: " in _train_error(
+        capsys, "--data", dataset, *storage, "--set", "perceptual.kind=lpips",
+        "--set", f"perceptual.weights_path={tmp_path}/lpips.safetensors")
+    (tmp_path / "model" / "transformer").mkdir(parents=True)
+    assert "lacks vae/, text_encoder/, tokenizer/" in _train_error(
+        capsys, "--data", dataset, *storage, "--set", "model.kind=diffusers", "--set", f"model.path={tmp_path}/model")
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
+def test_relative_paths_become_absolute_in_the_resolved_config(tmp_path, monkeypatch):
+    from orchestration.config import load_config, save_resolved
+    from orchestration.preflight import resolve_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_local_paths(load_config(TINY, ["perceptual.kind=lpips", "perceptual.weights_path=w.safetensors"],
+                                          {"data.path": "../data", "run.storage": "runs"}))
+    assert cfg.data.path == str(tmp_path.parent / "data") and cfg.run.storage == str(tmp_path / "runs")
+    assert cfg.perceptual.weights_path == str(tmp_path / "w.safetensors")
+    assert cfg.subspace_path == str(tmp_path.parent / "data" / "subspace.safetensors")
+    hub = resolve_local_paths(load_config(TINY, ["model.kind=diffusers", "model.path=org/model"], {"data.path": "s3://b/d"}))
+    assert hub.model.path == "org/model" and hub.data.path == "s3://b/d"  # hub ids and URLs stay as written
+    text = Path(save_resolved(cfg, str(tmp_path / "run"))).read_text()
+    assert text.startswith("# Resolved run config") and f"path: {tmp_path.parent / 'data'}" in text
