@@ -9,15 +9,16 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
-export HF_HUB_OFFLINE := 1
+export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-unit demo demo-long bench clean
+.PHONY: install test test-unit demo demo-long bench clean lock
 
-$(STAMP): setup.py
+# constraints.txt: the exact tested versions of everything (setup.py only states compatible ranges).
+$(STAMP): setup.py constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,serve,browser-tests]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,serve,browser-tests]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -47,6 +48,11 @@ demo-long: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# Record the current environment as the tested set (run after `make test` passes on an upgrade).
+lock: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf demo-output demo-long-output .pytest_cache
