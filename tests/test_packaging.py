@@ -16,13 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 def _setup_requirements() -> list[Requirement]:
     """install_requires and every extra, read from setup.py's source (nothing is executed)."""
     tree = ast.parse((REPO / "setup.py").read_text())
-    reqs: list[str] = []
+    lists = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.List)}
+    reqs: list[str] = list(lists.get("INSTALL_REQUIRES", []))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "INSTALL_REQUIRES" for t in node.targets):
-            reqs += ast.literal_eval(node.value)
         if isinstance(node, ast.keyword) and node.arg == "extras_require":
-            for values in ast.literal_eval(node.value).values():
-                reqs += values
+            for value in node.value.values:  # a literal list or the name of a module-level list
+                reqs += lists[value.id] if isinstance(value, ast.Name) else ast.literal_eval(value)
     assert reqs, "setup.py lists no requirements"
     return [Requirement(r) for r in reqs]
 
