@@ -43,6 +43,7 @@ from .format import (
     manifest_hash,
     read_sample_bytes,
 )
+from .decode import decode_image, find_image
 from .shards import put_atomic
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,6 @@ def _encode_shard(
     data_dir: str, rows: list[dict[str, Any]], encoder: _Encoder, batch_size: int, fs: fsspec.AbstractFileSystem, bar: Any
 ) -> Iterator[tuple[str, bytes, bytes]]:
     """(key, latent bytes, text bytes) for `rows` in row order, computed in same-bucket batches."""
-    from .reader import decode_image, find_image  # local: reader imports this module's format constants
-
     pending: dict[int, tuple[bytes, bytes]] = {}
     next_out = 0
     for batch in _batches(rows, batch_size):

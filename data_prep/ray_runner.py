@@ -11,7 +11,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 
-from data_prep.shards import ChunkResult, ChunkTask, Progress, build_chunk
+from data_prep.chunk import ChunkResult, ChunkTask, Progress, build_chunk
 
 LOCAL = "local"  # --ray-address local: start a private single-node Ray on loopback
 

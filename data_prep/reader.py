@@ -1,17 +1,14 @@
 """Training-side sample reader: open a dataset (manifest, sample table, cache) and read one sample by byte range."""
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import simplejpeg
 import torch
 from PIL import Image
 from safetensors import SafetensorError
@@ -29,7 +26,8 @@ from .cache import (
     bytes_to_tensor,
     load_cache_manifest,
 )
-from .format import IMAGE_FORMATS, TEXT_SUFFIX as CAPTION_SUFFIX
+from .decode import decode_image, find_image
+from .format import TEXT_SUFFIX as CAPTION_SUFFIX
 from .format import join, load_manifest, load_sample_table, manifest_hash, read_sample_bytes
 
 LATENT_CHANNELS = 128  # FLUX.2: 32 VAE channels × 2×2 packing
@@ -47,25 +45,6 @@ class CorruptSampleError(Exception):
     def __init__(self, shard: str, key: str, reason: str):
         super().__init__(f"corrupt sample {key!r} in shard {shard!r}: {reason}")
         self.shard, self.key, self.reason = shard, key, reason
-
-
-def find_image(members: Mapping[str, bytes]) -> tuple[str, bytes]:
-    """The (suffix, bytes) of a sample's image member."""
-    for suffix in IMAGE_FORMATS:
-        if suffix in members:
-            return suffix, members[suffix]
-    raise KeyError(f"no image member (expected one of {IMAGE_FORMATS}; found {sorted(members)})")
-
-
-def decode_image(suffix: str, data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> FloatTensor [3,H,W] in [−1,1]; JPEG via simplejpeg (libjpeg-turbo), the rest via PIL."""
-    if suffix == "jpg":
-        array = simplejpeg.decode_jpeg(data, colorspace="RGB")
-    else:
-        with Image.open(io.BytesIO(data)) as img:
-            array = np.array(img if img.mode == "RGB" else img.convert("RGB"))  # writable copy for torch
-    # uint8 HWC -> float CHW in [−1,1]: x/127.5 − 1.
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def read_image_sample(

@@ -202,7 +202,7 @@ def cluster_up(port: int | None = None, dashboard_port: int | None = None, host:
 
 def _wait_for_job_server(url: str, timeout_s: float, env: dict[str, str]) -> None:
     """The dashboard comes up a moment after `ray start` returns; poll its (authenticated) job API."""
-    from orchestration.jobs import connect
+    from orchestration.job_client import connect
 
     deadline = time.time() + timeout_s
     while True:

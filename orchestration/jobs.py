@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestration.job_client import connect, enable_token_auth  # noqa: F401  (part of this module's API)
 from orchestration.ledger import LIVE_STATES, Ledger, parse_submission_id, redact_overrides, submission_id
 from orchestration.stop_request import clear_stop_request, request_stop
 
@@ -40,38 +41,12 @@ _PREEMPT_LINE = re.compile(r"\[asymflow\] preempted: checkpoint at step (\d+) co
 # ----------------------------------------------------------------------------------------------- connection
 
 
-def enable_token_auth(environ: dict[str, str] | None = None) -> bool:
-    """Switch the Ray client to token auth when a token is available (and the user did not choose a mode). Must run
-    before Ray reads its config; if `ray._raylet` is already loaded its cached config is refreshed."""
-    env = os.environ if environ is None else environ
-    if "RAY_AUTH_MODE" in env:
-        return env["RAY_AUTH_MODE"].lower() == "token"
-    token_path = env.get("RAY_AUTH_TOKEN_PATH")
-    has_token = bool(env.get("RAY_AUTH_TOKEN")) or bool(token_path and Path(token_path).exists()) or (
-        Path.home() / ".ray" / "auth_token").exists()
-    if not has_token:
-        return False
-    env["RAY_AUTH_MODE"] = "token"
-    if environ is None and "ray._raylet" in sys.modules:
-        from ray._raylet import Config
-
-        Config.initialize("")
-    return True
-
-
-def connect(address: str):
-    """A JobSubmissionClient for the job server at `address` (http://HOST:PORT), token auth included."""
-    enable_token_auth()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address)
-
-
 def default_address() -> str | None:
-    """$RAY_API_SERVER_ADDRESS, else the head started by `asymflow cluster up` (its state file), else None."""
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):
-        return os.environ["RAY_API_SERVER_ADDRESS"]
+    """$RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS (Ray's own variable, as `ray job submit` reads it), else the head
+    started by `asymflow cluster up` (its state file), else None."""
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(name):
+            return os.environ[name]
     from orchestration.cluster import read_state
 
     state = read_state(os.environ.get("ASYMFLOW_CLUSTER_STATE_DIR"))
