@@ -86,10 +86,20 @@ class TrainSection(_Section):
     lr_multipliers: dict[str, float] = {"proj_out": 10.0}
     warmup_steps: int = Field(100, ge=0)
     warmup_start_factor: float = Field(1e-3, gt=0, le=1)
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after warmup: constant (spec §9), or cosine / linear decay to min_lr at train.steps")
+    min_lr: float = Field(0.0, ge=0, description="the decaying schedules' final lr (default-group lr; multipliers keep "
+                          "their ratio)")
     grad_clip: float | None = Field(200.0, gt=0, description="global L2 norm; None disables clipping")
     grad_clip_from_step: int = Field(100, ge=0)
     seed: int = 0
     activation_checkpointing: bool = True
+
+    @model_validator(mode="after")
+    def _min_lr(self) -> TrainSection:
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
+        return self
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> TrainSection:

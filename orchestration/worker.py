@@ -17,6 +17,7 @@ import torch.distributed as dist
 from orchestration import checkpoint as ckpt
 from orchestration.config import RunConfig, local_file
 from orchestration.goodput import Goodput, executed_steps
+from orchestration.lr_schedule import lr_factor
 from orchestration.preemption import (CONTINUE, PREEMPT, STOP, Preempted, PreemptionFlag, agree_to_stop,
                                       maybe_ray_preemption_notice)
 from orchestration.stop_request import StopPoller, clear_stop_request, read_stop_request
@@ -51,13 +52,6 @@ def derive_seed(*parts: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
-    """Linear warmup from start_factor·lr at step 0 to lr at `warmup_steps`, then constant (spec §9)."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return 1.0
-    return start_factor + (1.0 - start_factor) * step / warmup_steps
 
 
 def _gather_partition(local: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
@@ -329,7 +323,8 @@ class Trainer:
         t0 = time.perf_counter()
         micro_batches = next(self.loader)
         t_data = time.perf_counter() - t0
-        factor = warmup_factor(step, t.warmup_steps, t.warmup_start_factor)
+        factor = lr_factor(step, warmup_steps=t.warmup_steps, start_factor=t.warmup_start_factor, total_steps=t.steps,
+                           schedule=t.lr_schedule, min_ratio=t.min_lr / t.lr)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * factor
         # ZeRO-3 clips inside its step with `clip_grad`; the spec turns clipping on only from a given step.
