@@ -156,9 +156,18 @@ class RunSection(_Section):
 
 class LogSection(_Section):
     every: int = Field(10, gt=0)
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_mode: Literal["offline", "online", "disabled"] | None = Field(
+        None, description="None: the user's $WANDB_MODE, else offline (the entry points default it to offline)")
     wandb_project: str = "asymflow"
     wandb_entity: str | None = None
+    wandb_name: str | None = Field(None, description="display name of the wandb run [run.name]")
+    wandb_group: str | None = None
+    wandb_tags: tuple[str, ...] = ()
+
+    def wandb_init_kwargs(self, run_name: str) -> dict[str, Any]:
+        """The wandb.init arguments this section decides; `mode=None` lets wandb read $WANDB_MODE itself."""
+        return {"project": self.wandb_project, "entity": self.wandb_entity, "mode": self.wandb_mode,
+                "name": self.wandb_name or run_name, "group": self.wandb_group, "tags": list(self.wandb_tags) or None}
 
 
 class SampleSection(_Section):

@@ -97,6 +97,11 @@ class SubmitArgs:
     working_dir: str | None = str(REPO_ROOT)  # None: the cluster already has the project installed
     stop_grace_s: int = DEFAULT_STOP_GRACE_S
     requirements: str | None = None  # pip requirements file for the runtime_env (needs the cluster to reach PyPI)
+    # The submitter's own choices that the job's driver and workers must see (never secrets: no WANDB_API_KEY).
+    forward_env: dict[str, str] = field(default_factory=dict)
+
+
+FORWARDED_ENV = ("WANDB_MODE", "HF_HUB_OFFLINE")  # the user's environment wins over our offline defaults
 
 
 def config_path_for_job(config: str, working_dir: str | None) -> str:
@@ -147,6 +152,7 @@ def build_runtime_env(a: SubmitArgs) -> dict[str, Any]:
             "RAY_JOB_STOP_WAIT_TIME_S": str(int(a.stop_grace_s)),
             "PYTHONUNBUFFERED": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
+            **{k: v for k, v in a.forward_env.items() if k in FORWARDED_ENV},
         }
     }
     if a.working_dir is not None:
@@ -504,8 +510,8 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
                        description="Submit CONFIG as Ray job asymflow-RUN-N. A live job of the same run is never "
                        "duplicated; a failed/stopped one gets a new attempt that resumes from the latest checkpoint.")
     p.add_argument("config", metavar="CONFIG", help="run config YAML (inside the repo: sent relative to it)")
-    p.add_argument("--address", help="job server http://HOST:PORT [the run's last one, else $RAY_API_SERVER_ADDRESS, "
-                   "else `cluster up`'s head]")
+    p.add_argument("--address", help="job server (dashboard) http://HOST:PORT — not the GCS address `train --address` "
+                   "takes [the run's last one, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else `cluster up`'s head]")
     p.add_argument("--name", help="run name (run.name)")
     p.add_argument("--storage", help="storage root (run.storage); local paths are made absolute")
     p.add_argument("--data", help="dataset directory or URL (data.path)")
@@ -565,7 +571,8 @@ def _run_submit(args: argparse.Namespace) -> int:
     a = SubmitArgs(config=args.config, name=args.name, storage=args.storage, data=args.data, steps=args.steps,
                    workers=args.workers, overrides=args.overrides, prep=args.prep,
                    prep_resolution=args.prep_resolution, working_dir=None if args.no_working_dir else str(REPO_ROOT),
-                   stop_grace_s=args.stop_grace, requirements=args.requirements)
+                   stop_grace_s=args.stop_grace, requirements=args.requirements,
+                   forward_env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     submit(a, args.address, again=args.again)
     return 0
 

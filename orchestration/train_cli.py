@@ -22,7 +22,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--name", help="run name (run.name); STORAGE/NAME is the run directory")
     train.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
     train.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
-    train.add_argument("--address", help="Ray cluster address (run.ray_address); default: a local Ray on 127.0.0.1")
+    train.add_argument("--address", help="Ray cluster (GCS) address HOST:PORT or 'auto' (run.ray_address), as "
+                       "ray.init takes it — not the job server URL `submit --address` takes; default: a local Ray on "
+                       "127.0.0.1")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. --set train.lr=1e-4 (repeatable)")
     train.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")

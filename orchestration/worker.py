@@ -439,10 +439,8 @@ class Trainer:
         wandb_dir = os.path.join(ckpt._fs(self.run_dir)[1], "wandb") if ckpt.is_local(self.run_dir) else None
         if wandb_dir:
             os.makedirs(wandb_dir, exist_ok=True)
-        self.wandb_run = wandb.init(
-            project=self.cfg.log.wandb_project, entity=self.cfg.log.wandb_entity, id=self.wandb_id, resume="allow",
-            mode=self.cfg.log.wandb_mode, dir=wandb_dir, config=self.cfg.to_dict(),
-        )
+        self.wandb_run = wandb.init(id=self.wandb_id, resume="allow", dir=wandb_dir, config=self.cfg.to_dict(),
+                                    **self.cfg.log.wandb_init_kwargs(self.cfg.run.name))
         if interruptions:
             self.wandb_run.summary["interruption_log"] = [_brief(e) for e in interruptions]
 

@@ -93,6 +93,34 @@ def test_entrypoint_and_runtime_env(tmp_path):
     assert " train /elsewhere/c.yaml " in build_entrypoint(installed, "r", "/st", "/d")
 
 
+def test_user_environment_wins_over_our_defaults(tmp_path, monkeypatch):
+    """The user's WANDB_MODE / HF_HUB_OFFLINE reach the job (nothing secret does); RAY_ADDRESS names the job server;
+    a config that leaves log.wandb_mode unset lets wandb itself read $WANDB_MODE."""
+    import wandb
+
+    from orchestration.config import load_config
+    from orchestration.jobs import SubmitArgs, build_runtime_env, default_address
+
+    a = SubmitArgs(config="c.yaml", forward_env={"WANDB_MODE": "online", "HF_HUB_OFFLINE": "0", "WANDB_API_KEY": "k"})
+    env = build_runtime_env(a)["env_vars"]
+    assert env["WANDB_MODE"] == "online" and env["HF_HUB_OFFLINE"] == "0" and "WANDB_API_KEY" not in env
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert default_address() == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9999")
+    assert default_address() == "http://127.0.0.1:9999"
+
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), ["log.wandb_tags=[a, b]", "log.wandb_group=g"])
+    kwargs = cfg.log.wandb_init_kwargs(cfg.run.name)
+    assert kwargs["mode"] is None and kwargs["name"] == "tiny" and kwargs["tags"] == ["a", "b"]
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run = wandb.init(dir=str(tmp_path), **kwargs)
+    try:
+        assert run.disabled  # the environment decided, not a mode we passed
+    finally:
+        run.finish()
+
+
 def test_progress_from_logs():
     from orchestration.jobs import progress_from_logs
 
