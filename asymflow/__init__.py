@@ -24,6 +24,13 @@ _PUBLIC = {
     "convert_transformer": "asymflow.convert",
     "AsymFlux2Transformer2DModel": "asymflow.model",
     "vr_coefficient": "asymflow.objective",
+    "export_adapter": "asymflow.export",
+    "load_adapter": "asymflow.export",
+    "load_pixel_base": "asymflow.export",
+    "export_merged": "asymflow.export",
+    "AsymFlux2KleinPipeline": "asymflow.pipeline",
+    "sample_images": "asymflow.pipeline",
+    "FlowAdapterScheduler": "asymflow.scheduler",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -1,6 +1,7 @@
 """FlowAdapter scheduler: diffusers UniPC or plain Euler driven by an external shifted flow schedule (spec §11.1)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -90,15 +91,31 @@ class FlowAdapterScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(
         self,
-        num_inference_steps: int,
+        num_inference_steps: int | None = None,
         device: torch.device | str | None = None,
         seq_len: float | None = None,
         shift: float | DynamicShift | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
         """Build σ_i = warp(τ_i; S(seq_len)) (see `flow_sigmas`) and reset the solver. `device` is accepted for
-        diffusers compatibility and ignored: the grid stays on CPU in fp64 and step() moves scalars as needed."""
-        s = resolve_shift(self.shift_rule if shift is None else shift, seq_len)
-        self.sigmas = flow_sigmas(num_inference_steps, s)
+        diffusers compatibility and ignored: the grid stays on CPU in fp64 and step() moves scalars as needed.
+
+        `sigmas`: a custom grid instead (as diffusers pipelines take it): n decreasing values in (0, 1], used as given
+        (no shift) with σ = 0 appended; num_inference_steps, if given, must equal n.
+        """
+        if sigmas is not None:
+            grid = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            if num_inference_steps is not None and num_inference_steps != len(grid):
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {len(grid)} sigmas were given")
+            if len(grid) == 0 or not bool(((grid > 0) & (grid <= 1)).all()) or not bool((grid[1:] < grid[:-1]).all()):
+                raise ValueError(f"sigmas must decrease strictly within (0, 1], got {grid.tolist()}")
+            self.sigmas = torch.cat([grid, grid.new_zeros(1)])
+            num_inference_steps = len(grid)
+        elif num_inference_steps is None:
+            raise ValueError("pass num_inference_steps or sigmas")
+        else:
+            s = resolve_shift(self.shift_rule if shift is None else shift, seq_len)
+            self.sigmas = flow_sigmas(num_inference_steps, s)
         self.timesteps = 1000.0 * self.sigmas[:-1]
         self.num_inference_steps = num_inference_steps
         self._step_index = None

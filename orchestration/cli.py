@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     # --- end train / export ---
 
+    # --- sample: PNGs from a run, export, merged model, pipeline or the official adapter (orchestration.sample_cli) ---
+    from orchestration.sample_cli import add_sample_command
+
+    add_sample_command(sub)
+    # --- end sample ---
+
     # --- job lifecycle: cluster up/down, submit, status, logs, stop, list (orchestration.cluster, .jobs) ---
     from orchestration.cluster import add_cluster_commands
     from orchestration.jobs import add_job_commands

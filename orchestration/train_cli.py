@@ -33,11 +33,21 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export",
         help="write the adapter directory (spec §12) of a run's checkpoint (EMA weights by default)",
+        description="Export a run's checkpoint: the adapter directory (official layout + peft and diffusers LoRA "
+        "files + model card), or with --merged a complete model directory. Written to a staging directory and "
+        "renamed last, so an error never leaves a half-written export.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="STORAGE/NAME of a run")
     export.add_argument("--step", type=int, help="checkpoint step [latest complete]")
     export.add_argument("--out", help="output directory [RUN_DIR/export/step-N]")
     export.add_argument("--weights", choices=("ema", "trainable"), default="ema", help="[ema]")
+    export.add_argument("--merged", action="store_true",
+                        help="a complete diffusers model directory with the LoRA fused in (loads with "
+                             "AsymFlux2Transformer2DModel.from_pretrained(DIR), no base) [RUN_DIR/export/step-N-merged]")
+    export.add_argument("--pipeline", action="store_true",
+                        help="with --merged: a whole pipeline directory (transformer, scheduler, text encoder, "
+                             "tokenizer; DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)) "
+                             "[RUN_DIR/export/step-N-pipeline]")
     export.set_defaults(func=_run_export)
 
 
@@ -88,10 +98,14 @@ def _run_export(args: argparse.Namespace) -> int:
     set_process_environment()
     from orchestration.artifacts import export_checkpoint
 
+    if args.pipeline and not args.merged:
+        print("error: --pipeline needs --merged (a pipeline directory holds the merged transformer)", file=sys.stderr)
+        return 2
     try:
-        out = export_checkpoint(args.run_dir, args.step, args.out, args.weights)
+        out = export_checkpoint(args.run_dir, args.step, args.out, args.weights, merged=args.merged,
+                                pipeline=args.pipeline)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     print(f"exported: {out}")
     return 0

@@ -1,0 +1,208 @@
+"""`asymflow sample SOURCE --prompt TEXT`: PNGs from a run, an export, a merged model, a pipeline or the official adapter,
+with the prompt, seed and settings in each file's metadata."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+PIXEL_MULTIPLE = 16  # one transformer token = one 16×16 pixel patch
+DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_GUIDANCE = 1024, 32, 4.0  # spec §11.5 benchmark settings
+METADATA_KEY = "asymflow"  # PNG text chunk holding every setting as JSON
+
+
+def add_sample_command(sub: argparse._SubParsersAction) -> None:
+    """Register `sample` on the console script's subparsers."""
+    from orchestration.sample_source import BASE_HELP
+
+    p = sub.add_parser(
+        "sample",
+        help="generate PNGs from a run directory, an export, a merged model, a pipeline or the official adapter",
+        description="Sample images from SOURCE: a run directory (its latest complete checkpoint, or --step; EMA "
+        "weights), an adapter export (asymflow export), a merged model (asymflow export --merged), a pipeline "
+        "directory, or the official AsymFLUX.2 adapter (config.json + diffusion_pytorch_model.safetensors; pass "
+        "--base). Each PNG carries the prompt, seed and settings in its metadata (text chunks 'prompt', 'seed', "
+        f"'{METADATA_KEY}'). Defaults for size, steps and guidance come from the run's sample settings when SOURCE "
+        f"records them, else {DEFAULT_SIZE}², {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="run directory, export, merged model, pipeline or adapter directory")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for guidance [empty]")
+    p.add_argument("--image", action="append", default=[], metavar="REF",
+                   help="reference image (repeatable; spec §5.4 conditioning, like FLUX.2 klein's image input)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 16")
+    p.add_argument("--width", type=int, help="image width, a multiple of 16")
+    p.add_argument("--steps", type=int, help="sampler steps")
+    p.add_argument("--sampler", choices=("fixed", "adaptive"), default="fixed",
+                   help="fixed: --steps UniPC steps on the shifted grid; adaptive: error-controlled steps "
+                        "(asymflow.adaptive), as many as --tol needs [fixed]")
+    p.add_argument("--tol", type=float, help="adaptive sampler: rtol = atol on x̂₀ in normalised Oklab (one 8-bit "
+                                             "L level ≈ 0.025) [0.05]")
+    p.add_argument("--max-nfe", type=int, help="adaptive sampler: at most this many model evaluations [64]")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i [0]")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate [1]")
+    p.add_argument("--out", default="samples", help="output directory [samples]")
+    p.add_argument("--step", type=int, help="run directories: checkpoint step [latest complete]")
+    p.add_argument("--weights", choices=("ema", "trainable"), default="ema", help="run directories: [ema]")
+    p.add_argument("--base", help=f"{BASE_HELP} [the base recorded in SOURCE]")
+    p.add_argument("--device", default=None, help="torch device [cuda if available, else cpu]")
+    p.set_defaults(func=_run_sample)
+
+
+def check_size(name: str, value: int) -> None:
+    """A side must be a positive multiple of 16; the message suggests the nearest valid sides."""
+    if value <= 0 or value % PIXEL_MULTIPLE:
+        lo = max(PIXEL_MULTIPLE, value // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+        raise ValueError(f"--{name} {value} is not a positive multiple of {PIXEL_MULTIPLE} (one token is a "
+                         f"16×16 pixel patch); try {lo} or {lo + PIXEL_MULTIPLE}")
+
+
+def sampling_bytes(config: Any, height: int, width: int, text_len: int, guided: bool, ref_tokens: int,
+                   dtype_bytes: int) -> int:
+    """Rough peak memory of one sampling step beyond the weights.
+
+    Per token of the joint sequence (image + reference + text), a transformer block holds the hidden state, the
+    fused projections (qkv + 2 MLP halves: (3 + 2·mlp_ratio)·inner) and the attention output; counted 3× for
+    temporaries. The fp32 image, velocity, guidance terms and solver history add ~10 images of 3·H·W fp32.
+    Attention itself is taken as memory-efficient (SDPA on CPU and GPU), so no N² term.
+    """
+    inner = config.num_attention_heads * config.attention_head_dim
+    tokens = (height // PIXEL_MULTIPLE) * (width // PIXEL_MULTIPLE) + ref_tokens + text_len
+    batch = 2 if guided else 1
+    per_token = (3 + 2 * config.mlp_ratio + 2) * inner * dtype_bytes * 3
+    return int(batch * tokens * per_token + 10 * 3 * height * width * 4)
+
+
+def available_bytes(device: str) -> int:
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit] or "sample"
+
+
+def png_metadata(prompt: str, negative: str, seed: int, settings: dict[str, Any]):
+    """PNG text chunks: prompt, negative_prompt, seed, and every setting as JSON under 'asymflow'."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", prompt)
+    info.add_text("negative_prompt", negative)
+    info.add_text("seed", str(seed))
+    info.add_text(METADATA_KEY, json.dumps({"prompt": prompt, "negative_prompt": negative, "seed": seed, **settings},
+                                           sort_keys=True))
+    info.add_text("Software", "asymflow")
+    return info
+
+
+def check_sampler(args: argparse.Namespace) -> None:
+    """--tol / --max-nfe belong to --sampler adaptive and must be positive (tol) / at least 2 (max-nfe)."""
+    if args.sampler == "fixed" and (args.tol is not None or args.max_nfe is not None):
+        raise ValueError("--tol and --max-nfe apply to --sampler adaptive only")
+    if args.tol is not None and not args.tol > 0:
+        raise ValueError(f"--tol {args.tol} must be > 0")
+    if args.max_nfe is not None and args.max_nfe < 2:
+        raise ValueError(f"--max-nfe {args.max_nfe} must be at least 2")
+
+
+def sampler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's sampler arguments for the parsed flags (AdaptiveConfig's defaults where a flag is absent)."""
+    if args.sampler == "fixed":
+        return {}
+    return {"sampler": "adaptive", "tol": args.tol, "max_nfe": args.max_nfe}
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from orchestration.train_cli import set_process_environment
+
+    set_process_environment()
+    try:
+        written = sample_to_pngs(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def sample_to_pngs(args: argparse.Namespace) -> list[Path]:
+    """Resolve SOURCE, check the request, sample each image from its own seed, write PNGs with metadata."""
+    import torch
+    from PIL import Image
+
+    from orchestration.sample_source import load_pipeline, resolve_source
+
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            check_size(name, getattr(args, name))
+    if args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images} must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps} must be at least 1")
+    check_sampler(args)
+    references = []
+    for path in args.image:
+        try:
+            with Image.open(path) as im:
+                references.append(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--image {path}: cannot read the image ({exc})") from exc
+
+    src = resolve_source(args.source, args.step, args.base)
+    d = src.defaults
+    height = args.height or d.get("height") or DEFAULT_SIZE
+    width = args.width or d.get("width") or DEFAULT_SIZE
+    steps = args.steps or d.get("steps") or DEFAULT_STEPS
+    guidance = args.guidance if args.guidance is not None else d.get("guidance", DEFAULT_GUIDANCE)
+    device = args.device or _default_device()
+
+    pipe = load_pipeline(src, device=device, weights=args.weights)
+    transformer = pipe.transformer
+    ref_tokens = 0
+    if references:
+        from asymflow.reference import reference_size
+
+        ref_tokens = sum(h * w // PIXEL_MULTIPLE**2 for h, w in (reference_size(im) for im in references))
+    need = sampling_bytes(transformer.config, height, width, pipe.config.max_sequence_length, guidance != 1.0,
+                          ref_tokens, torch.finfo(transformer.dtype).bits // 8)
+    have = available_bytes(str(device))
+    if need > have:
+        raise ValueError(f"{width}x{height} needs about {need / 2**30:.1f} GiB to sample on {device} but "
+                         f"{have / 2**30:.1f} GiB are free; choose a smaller --height/--width")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"source": str(args.source), "source_kind": src.kind, "checkpoint_step": src.step,
+                "height": height, "width": width, "steps": steps, "guidance": guidance,
+                "scheduler": dict(pipe.scheduler.config), "reference_images": [str(p) for p in args.image],
+                "weights": args.weights if src.kind == "run" else None}
+    written = []
+    for i in range(args.num_images):
+        seed = args.seed + i
+        output = pipe(args.prompt, negative_prompt=args.negative_prompt, image=references or None, height=height,
+                      width=width, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=torch.Generator(device="cpu").manual_seed(seed), **sampler_kwargs(args))
+        # what this image cost: the adaptive sampler's NFE differs per prompt and seed
+        spent = {"sampler": args.sampler, "tol": args.tol, "max_nfe": args.max_nfe, "nfe": output.nfe}
+        target = out / f"{slug(args.prompt)}-seed{seed}.png"
+        output.images[0].save(target, pnginfo=png_metadata(args.prompt, args.negative_prompt, seed,
+                                                           {**settings, **spent}))
+        written.append(target)
+    return written
