@@ -229,8 +229,8 @@ def sample_adaptive(velocity: Velocity, noise: torch.Tensor, cfg: AdaptiveConfig
             finished_by = "budget"
             break
         h = min(h, lam_end - lam_s) if d_prev is None else min(h, cfg.max_step, lam_end - lam_s)
-        floor = (lam_end - lam_s) / budget
-        is_forced = h < floor
+        floor = (lam_end - lam_s) / budget  # the shortest step that still reaches sigma_min within the budget
+        is_forced = h <= floor  # then a rejection could leave the budget short of sigma_min
         h = max(h, floor)
         sigma_t = sigma_at(lam_s + h)
         r = (lam_s - lam_prev) / h if d_prev is not None else math.inf

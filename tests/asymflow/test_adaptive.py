@@ -168,6 +168,15 @@ def test_nfe_budget_is_never_exceeded(max_nfe: int) -> None:
     assert report.forced >= 1 and torch.isfinite(x).all()
 
 
+def test_last_evaluation_of_the_budget_always_reaches_sigma_min() -> None:
+    """Budget 1 left and a proposed step exactly as long as what remains to sigma_min: rejecting it would end the
+    run short of sigma_min, so it is accepted (forced)."""
+    cfg = AdaptiveConfig.from_tol(1e-7, max_nfe=2, sigma_min=0.9, initial_step=8.0)  # 8 > λ(0.9) − λ₀ ≈ 7.0
+    _, report = sample_adaptive(GaussianFlow(), _noise(), cfg)
+    assert report.nfe == 2 and report.rejected == 0 and report.forced == 1
+    assert report.finished_by == "sigma_min" and report.accepted[-1] == pytest.approx(0.9)
+
+
 def test_config_rejects_nonsense() -> None:
     for bad in ({"rtol": 0.0, "atol": 0.0}, {"max_nfe": 1}, {"sigma_min": 0.0}, {"max_step": 0.0},
                 {"min_factor": 1.5}):
