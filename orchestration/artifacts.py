@@ -127,7 +127,9 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
     tokenizer/). Every output is staged and renamed last."""
     import dataclasses
 
-    from asymflow.export import export_adapter, merge_lora, save_merged, write_staged
+    import json
+
+    from asymflow.export import BASE_NAME, export_adapter, merge_lora, save_merged, write_staged
     from asymflow.model_card import render_model_card
 
     if pipeline and not merged:
@@ -158,6 +160,7 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
     def write(staging: Path) -> None:
         pipe.save_pretrained(staging)
         (staging / "README.md").write_text(card)
+        (staging / BASE_NAME).write_text(json.dumps(base_record(cfg), indent=2) + "\n")  # sampling defaults
 
     return write_staged(target, write)
 

@@ -99,7 +99,7 @@ def resolve_source(source: str, step: int | None = None, base: str | None = None
     if step is not None:
         raise ValueError(f"--step applies to run directories only; {source} has no checkpoints/")
     if (root / "model_index.json").is_file():
-        return Source("pipeline", source)
+        return Source("pipeline", source, defaults=_recorded_base(root)[1])
     if not root.is_dir():
         raise ValueError(f"{source} does not exist or is not a directory")
     if not (root / "config.json").is_file():

@@ -38,8 +38,9 @@ def run(tmp_path_factory) -> str:
 def exports(run) -> dict[str, Path]:
     assert main(["export", run]) == 0
     assert main(["export", run, "--merged"]) == 0
+    assert main(["export", run, "--merged", "--pipeline"]) == 0
     root = Path(run) / "export"
-    return {"adapter": root / STEP_NAME, "merged": root / f"{STEP_NAME}-merged"}
+    return {"adapter": root / STEP_NAME, "merged": root / f"{STEP_NAME}-merged", "pipeline": root / f"{STEP_NAME}-pipeline"}
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -88,6 +89,9 @@ def test_sample_every_source_kind_with_metadata(run, exports, tmp_path, capsys) 
     assert json.loads(Image.open(merged[0]).text["asymflow"])["source_kind"] == "model"
     # W + (α/r)·B·A rounded once in fp32: within one 8-bit level of the unmerged model
     assert np.abs(_pixels(merged[0]).astype(int) - _pixels(from_run[1]).astype(int)).max() <= 1
+    pipeline = _sample(str(exports["pipeline"]), tmp_path / "pipeline", "--seed", "6")  # the run's settings recorded
+    assert json.loads(Image.open(pipeline[0]).text["asymflow"])["source_kind"] == "pipeline"
+    assert np.array_equal(_pixels(pipeline[0]), _pixels(merged[0]))  # the same merged transformer inside
 
 
 def test_sample_with_a_reference_image(exports, tmp_path) -> None:
