@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.job_client import connect, enable_token_auth  # noqa: F401  (part of this module's API)
+from orchestration import run_registry
 from orchestration.ledger import LIVE_STATES, Ledger, parse_submission_id, redact_overrides, submission_id
 from orchestration.stop_request import clear_stop_request, request_stop
 
@@ -218,12 +219,14 @@ def submit(a: SubmitArgs, address: str | None = None, again: bool = False, out=p
         sid, state = live
         record_state(ledger, sid, state)
         out(f"run {r.run} is already live as job {sid} ({state}); not starting a second copy")
-        return {"action": "live", "submission_id": sid, "state": state, "run": r.run}
+        return {"action": "live", "submission_id": sid, "state": state, "run": r.run, "storage": r.storage,
+                "address": address}
     if last is not None and not again and job_status(client, last["submission_id"]) == "SUCCEEDED":
         record_state(ledger, last["submission_id"], "SUCCEEDED")
         out(f"run {r.run} already succeeded as job {last['submission_id']}; pass --again for a new attempt "
             f"(e.g. with a larger --steps)")
-        return {"action": "done", "submission_id": last["submission_id"], "state": "SUCCEEDED", "run": r.run}
+        return {"action": "done", "submission_id": last["submission_id"], "state": "SUCCEEDED", "run": r.run,
+                "storage": r.storage, "address": address}
     on_cluster = [parse_submission_id(s, r.run)[1] for s in run_jobs_on_cluster(client, r.run)]
     attempt = max([ledger.next_attempt(), *(n + 1 for n in on_cluster)])
     sid = submission_id(r.run, attempt)
@@ -245,7 +248,8 @@ def submit(a: SubmitArgs, address: str | None = None, again: bool = False, out=p
     record_state(ledger, sid, "PENDING")
     start = f"resumes from checkpoint step {resume_step}" if resume_step else "starts from the pretrained init"
     out(f"submitted {sid} (run {r.run}, attempt {attempt}; {start}) to {address}")
-    return {"action": "submitted", "submission_id": sid, "attempt": attempt, "run": r.run, "resume_from": resume_step}
+    return {"action": "submitted", "submission_id": sid, "attempt": attempt, "run": r.run, "resume_from": resume_step,
+            "storage": r.storage, "address": address}
 
 
 # ----------------------------------------------------------------------------------------------- observation
@@ -263,10 +267,15 @@ def latest_checkpoint_step(run_dir: str) -> int | None:
 
 
 def read_progress(run_dir: str) -> dict[str, Any] | None:
-    """The last line of `RUN_DIR/metrics.jsonl` (rank 0 writes one per logged step) as
-    {step, total, samples_per_s, eta_s, time}; None when the run has logged nothing yet."""
+    """{step, total, samples_per_s, eta_s, time} of the last logged step: `RUN_DIR/progress.json` (every storage
+    kind), else the last line of a local `metrics.jsonl` (runs from before progress.json); None when nothing logged."""
     import fsspec
 
+    from orchestration.progress import read_progress_file
+
+    latest = read_progress_file(run_dir)
+    if latest is not None:
+        return latest
     try:
         fs, p = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/metrics.jsonl")
         if not fs.exists(p):
@@ -379,13 +388,14 @@ def format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def list_runs(storage: str | None, address: str | None) -> list[dict[str, Any]]:
-    """Every run with a ledger under `storage`, plus (with `address`) asymflow jobs of the cluster not in them."""
+def list_runs(storage: str | list[str] | None, address: str | None) -> list[dict[str, Any]]:
+    """Every run with a ledger under `storage` (one root or several), plus (with `address`) asymflow jobs of the
+    cluster not in them."""
     import fsspec
 
     rows: list[dict[str, Any]] = []
     known: set[str] = set()
-    if storage:
+    for storage in [storage] if isinstance(storage, str) else storage or []:
         fs, root = fsspec.core.url_to_fs(_abs(storage))
         if fs.exists(root):
             for entry in sorted(fs.ls(root, detail=False)):
@@ -503,7 +513,7 @@ def run_logs(storage: str, run: str, address: str | None = None, follow: bool = 
 
 def add_job_commands(sub: argparse._SubParsersAction) -> None:
     """Register submit / status / logs / stop / list on the console script's subparsers."""
-    storage_help = "storage root holding STORAGE/RUN/ledger.jsonl [runs]"
+    storage_help = "storage root holding STORAGE/RUN/ledger.jsonl [where `submit` put the run, else runs]"
     addr_help = "job server, http://HOST:PORT [the run's last submission address]"
 
     p = sub.add_parser("submit", help="submit `asymflow train` as a Ray job (idempotent per run name; resumes)",
@@ -532,14 +542,14 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("status", help="state, step, last checkpoint, samples/s and ETA of a run")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--storage", default="runs", help=storage_help)
+    p.add_argument("--storage", help=storage_help)
     p.add_argument("--address", help=addr_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run_status)
 
     p = sub.add_parser("logs", help="driver logs of a run's latest job (or --attempt N)")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--storage", default="runs", help=storage_help)
+    p.add_argument("--storage", help=storage_help)
     p.add_argument("--address", help=addr_help)
     p.add_argument("--attempt", type=int, help="which submission [latest]")
     p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
@@ -549,7 +559,7 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
                        description="Writes RUN_DIR/STOP and stops the job; every worker sees the request at the next "
                        "step boundary, commits a checkpoint and ends. `ray job stop ID` does the same.")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--storage", default="runs", help=storage_help)
+    p.add_argument("--storage", help=storage_help)
     p.add_argument("--address", help=addr_help)
     p.add_argument("--now", action="store_true", help="no checkpoint: stop the job right away (work since the "
                    "last checkpoint is lost)")
@@ -558,7 +568,7 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_stop)
 
     p = sub.add_parser("list", help="runs under a storage path (and asymflow jobs on a cluster)")
-    p.add_argument("--storage", default="runs", help=storage_help)
+    p.add_argument("--storage", help=storage_help)
     p.add_argument("--address", help="also list asymflow jobs of this cluster not in the storage's ledgers")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run_list)
@@ -573,11 +583,18 @@ def _run_submit(args: argparse.Namespace) -> int:
                    prep_resolution=args.prep_resolution, working_dir=None if args.no_working_dir else str(REPO_ROOT),
                    stop_grace_s=args.stop_grace, requirements=args.requirements,
                    forward_env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-    submit(a, args.address, again=args.again)
+    result = submit(a, args.address, again=args.again)
+    run_registry.remember(run_registry.home_dir(), result["run"], result["storage"], result.get("address"))
     return 0
 
 
+def _storage(args: argparse.Namespace) -> str:
+    """--storage, else where `submit` put this run (orchestration.run_registry), else `runs`."""
+    return run_registry.storage_of(run_registry.home_dir(), args.run, args.storage)
+
+
 def _run_status(args: argparse.Namespace) -> int:
+    args.storage = _storage(args)
     info = run_status(args.storage, args.run, args.address)
     if info["submission_id"] is None:
         raise ValueError(f"no submission of run {args.run} under {args.storage}")
@@ -586,16 +603,16 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_logs(args: argparse.Namespace) -> int:
-    return run_logs(args.storage, args.run, args.address, args.follow, args.attempt)
+    return run_logs(_storage(args), args.run, args.address, args.follow, args.attempt)
 
 
 def _run_stop(args: argparse.Namespace) -> int:
-    stop_run(args.storage, args.run, args.address, now=args.now, timeout_s=args.timeout)
+    stop_run(_storage(args), args.run, args.address, now=args.now, timeout_s=args.timeout)
     return 0
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    rows = list_runs(args.storage, args.address or None)
+    rows = list_runs(run_registry.storages(run_registry.home_dir(), args.storage), args.address or None)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

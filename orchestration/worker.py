@@ -18,6 +18,7 @@ from orchestration import checkpoint as ckpt
 from orchestration.config import RunConfig, local_file
 from orchestration.goodput import Goodput, executed_steps
 from orchestration.lr_schedule import lr_factor
+from orchestration.progress import write_progress
 from orchestration.preemption import (CONTINUE, PREEMPT, STOP, Preempted, PreemptionFlag, agree_to_stop,
                                       maybe_ray_preemption_notice)
 from orchestration.stop_request import StopPoller, clear_stop_request, read_stop_request
@@ -475,11 +476,15 @@ class Trainer:
             self.wandb_run.log(metrics, step=step)
         done = step - self.step_start
         eta = (time.time() - self.t_start) / max(done, 1) * (total - step)
+        record = {"step": step, "total_steps": total, "time": time.time(), "eta_s": eta,
+                  **{k: float(v) for k, v in metrics.items()}}
         if ckpt.is_local(self.run_dir):
-            record = {"step": step, "total_steps": total, "time": time.time(), "eta_s": eta,
-                      **{k: float(v) for k, v in metrics.items()}}
             with open(os.path.join(ckpt._fs(self.run_dir)[1], METRICS_LOG), "a") as f:
                 f.write(json.dumps(record) + "\n")
+        try:  # what `asymflow status` reads, on every storage kind
+            write_progress(self.run_dir, {**record, "total": total})
+        except Exception as exc:  # noqa: BLE001  (a status file must never stop training)
+            self.log_line(f"could not write progress.json: {type(exc).__name__}")
         self.log_line(
             f"step {step}/{total} loss {metrics.get('loss', float('nan')):.4f} gn {metrics['grad_norm']:.3g} "
             f"lr {metrics['lr']:.3g} {metrics['samples_per_s']:.1f} samples/s data-wait "

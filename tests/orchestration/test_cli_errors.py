@@ -85,6 +85,7 @@ def test_every_command_has_a_bad_input_row():
 @pytest.mark.parametrize(("argv", "code", "text"), CASES, ids=[" ".join(c[0])[:60] or "(none)" for c in CASES])
 def test_error_is_one_line_with_exit_code(argv, code, text, files, capsys, monkeypatch):
     monkeypatch.delenv("ASYMFLOW_DEBUG", raising=False)
+    monkeypatch.setenv("ASYMFLOW_HOME", files["root"])  # no remembered runs of the user's own
     argv = [a.format(**files) for a in argv]
     assert main(argv) == code
     err = capsys.readouterr().err
