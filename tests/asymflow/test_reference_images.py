@@ -3,6 +3,8 @@ the converted model at initialisation computes x̂_0 = s·B·(the latent model's
 model's reference tokens carrying diffusers' own FLUX.2 klein image ids (time coordinate 10·(i+1))."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
@@ -11,6 +13,8 @@ from asymflow.components import BaseModelConfig, load_base_components
 from asymflow.convert import convert_transformer
 from asymflow.parameterisation import calibrate
 from asymflow.patching import condition_position_ids, image_position_ids, patchify, text_position_ids, unpatchify
+from asymflow.pipeline import sample_images
+from asymflow.scheduler import FlowAdapterScheduler
 from tests.asymflow.helpers import random_basis
 from tests.asymflow.test_convert import single_thread  # noqa: F401  (autouse fixture)
 
@@ -86,3 +90,29 @@ def test_condition_images_are_checked(models) -> None:
         pixel(x_t, sigma, text, condition_images=[torch.zeros(3, 3, 32, 32, dtype=torch.float64)])
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         pixel(x_t, sigma, text, condition_images=[torch.zeros(1, 3, 40, 32, dtype=torch.float64)])
+
+
+def test_sampling_with_references_is_sB_of_the_latent_sample(models) -> None:
+    """Spec §5.3 invariant 7 with references: Euler on the pixel grid warp(τ; s) from ε, conditioned on
+    unpatchify(s·B·z_ref), ends at s·B·(latent Euler on τ from Bᵀε conditioned on z_ref); the pixel sample is kept
+    in fp32 by the sampling loop, so the two agree to fp32 rounding, not 1e-10."""
+    latent, pixel = models
+    basis = pixel.proj_buffer
+    _, _, text, z_refs = _inputs()
+    refs = [unpatchify(SCALE * z @ basis.T, 16, h * 16, w * 16) for z, (h, w) in zip(z_refs, GRIDS)]
+    steps, (h, w) = 4, (6, 8)
+    eps = torch.randn(2, 3, h * 16, w * 16, generator=torch.Generator().manual_seed(3))
+    x = sample_images(functools.partial(pixel, condition_images=refs), text, None, height=h * 16, width=w * 16,
+                      num_inference_steps=steps, guidance_scale=1.0, clamp_denoised=False, noise=eps, decode=False,
+                      scheduler=FlowAdapterScheduler(solver="euler", shift=SCALE))
+
+    ref_ids = torch.cat([condition_position_ids(gh, gw, i) for i, (gh, gw) in enumerate(GRIDS)]).double()
+    z = patchify(eps.double(), 16) @ basis  # Bᵀε
+    tau = torch.linspace(1, 0, steps + 1, dtype=torch.float64)  # the calibrated pixel grid is τ itself
+    with torch.no_grad():
+        for i in range(steps):
+            z0 = _latent_x0(latent, z, tau[i].expand(2), text, z_refs, ref_ids)
+            z = z + (tau[i + 1] - tau[i]) * (z - z0) / tau[i]  # Euler with u = (z − ẑ_0)/σ
+    expected = unpatchify(SCALE * z @ basis.T, 16, h * 16, w * 16)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))

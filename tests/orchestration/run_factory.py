@@ -40,3 +40,21 @@ def make_run(root: Path, step: int = 6, model_kind: str = "tiny", loss: float = 
     ckpt.commit_checkpoint(run_dir, step, keep=2)
     (Path(run_dir) / "metrics.jsonl").write_text(f'{{"step": {step}, "loss": {loss}}}\n')
     return run_dir, tensors
+
+
+def add_card_sources(run_dir: str, data_dir: str, samples: int, psnr: float) -> None:
+    """What a model card reads besides the checkpoint: the dataset manifest (one 32×32 bucket of `samples`) and
+    `orchestration.compare`'s metrics.json for the latest step (only the fields the card uses)."""
+    import json
+
+    from data_prep.format import FORMAT_VERSION
+
+    manifest = {"version": FORMAT_VERSION, "num_samples": samples, "builder": {}, "totals": {},
+                "shards": [{"name": "shard-000000.tar", "num_samples": samples, "bytes": 0, "sha256": "0" * 64}],
+                "buckets": {"32x32": samples}}
+    Path(data_dir, "index.json").write_text(json.dumps(manifest))
+    step = ckpt.complete_steps(run_dir)[-1]
+    compare = Path(run_dir) / "compare" / ckpt.step_name(step)
+    compare.mkdir(parents=True)
+    metrics = {"psnr": {"pixel_finetuned": {"mean": psnr}}, "ssim": {"pixel_finetuned": {"mean": 0.5}}}
+    (compare / "metrics.json").write_text(json.dumps(metrics))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from orchestration.cli import main
-from tests.orchestration.run_factory import SCALE, make_run
+from tests.orchestration.run_factory import SCALE, add_card_sources, make_run
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 STEP = 6
@@ -30,7 +30,9 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> str:
-    run_dir, _ = make_run(tmp_path_factory.mktemp("runs"), step=STEP, model_kind="bundled")
+    root = tmp_path_factory.mktemp("runs")
+    run_dir, _ = make_run(root, step=STEP, model_kind="bundled")
+    add_card_sources(run_dir, str(root / "data"), samples=20, psnr=20.39)
     return run_dir
 
 
@@ -62,7 +64,8 @@ def test_export_directory_and_model_card(exports) -> None:
     front = card.split("---")[1]
     assert "base_model: asymflow/assets/tiny_base" in front and "library_name: diffusers" in front
     for fact in (f"| optimizer steps | {STEP} |", "| subspace rank r | 128 |", f"| data scale s | {SCALE:.6g} |",
-                 "| final loss | 0.125 |", "LoRA rank 4 alpha 4.0"):
+                 "| final loss | 0.125 |", "LoRA rank 4 alpha 4.0", "| training images | 20 (",
+                 "| PSNR vs photos, pixel_finetuned (dB) | 20.39 |", "| SSIM vs photos, pixel_finetuned | 0.500 |"):
         assert fact in card
     assert not list(adapter.parent.glob(".staging-*"))
 
