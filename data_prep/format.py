@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 SAMPLES_NAME = "samples.parquet"
 SKIPPED_NAME = "skipped.jsonl"
+WIDS_INDEX_NAME = "wids-index.json"  # webdataset's indexed-reader format: wids.ShardListDataset(DATA/wids-index.json)
 
 IMAGE_FORMATS = ("png", "jpg", "webp")  # stored image member suffixes
 TEXT_SUFFIX = "txt"
@@ -118,6 +119,18 @@ def join(data_dir: str, name: str) -> str:
     if "://" in data_dir:
         return data_dir.rstrip("/") + "/" + name
     return os.path.join(data_dir, name)
+
+
+def wids_index(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """The dataset as a wids shard index (`wids_version` 1): shard URLs relative to the index file, sample counts
+    and sizes from the manifest; deterministic, so a rebuilt dataset writes the same bytes."""
+    return {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": name,
+        "shardlist": [{"url": s["name"], "nsamples": s["num_samples"], "filesize": s["bytes"]}
+                      for s in manifest["shards"] if s["num_samples"] > 0],
+    }
 
 
 def validate_manifest(manifest: Any) -> dict[str, Any]:

@@ -243,7 +243,8 @@ def _read_json(url: str) -> Any:
 
 
 def _finalize(cfg: BuildConfig, builder: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write samples.parquet, skipped.jsonl, then index.json (the completion marker) from the done records."""
+    """Write samples.parquet, skipped.jsonl, wids-index.json, then index.json (the completion marker) from the done
+    records."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -272,6 +273,8 @@ def _finalize(cfg: BuildConfig, builder: dict[str, Any], records: list[dict[str,
         "buckets": {b: buckets[b] for b in sorted(buckets, key=fmt.parse_bucket)},
     }
     fmt.validate_manifest(manifest)
+    wids = fmt.wids_index(manifest, f"asymflow-{fmt.manifest_hash(manifest)[:16]}")  # named by content, not place
+    put_atomic(fmt.join(cfg.output, fmt.WIDS_INDEX_NAME), json.dumps(wids, indent=1).encode())
     put_atomic(fmt.join(cfg.output, fmt.INDEX_NAME), json.dumps(manifest, indent=1, ensure_ascii=False).encode() + b"\n")
     return manifest
 

@@ -114,6 +114,21 @@ def test_stock_webdataset_reads_the_shards(messy) -> None:
     assert seen == list(table)
 
 
+def test_wids_opens_the_dataset_by_its_shard_index(messy, tmp_path: Path) -> None:
+    """webdataset's indexed reader, `wids.ShardListDataset`, opens DATA/wids-index.json: same samples, same order
+    as the per-sample table, each decodable."""
+    import wids
+
+    _, _, out = messy
+    table = fmt.load_sample_table(str(out)).to_pylist()
+    ds = wids.ShardListDataset(str(out / fmt.WIDS_INDEX_NAME), cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == len(table) == fmt.load_manifest(str(out))["num_samples"]
+    for i in (0, len(table) // 2, len(table) - 1):
+        sample = ds[i]
+        assert sample["__key__"] == table[i]["key"]
+        assert sample[".png"].size == (table[i]["width"], table[i]["height"])
+
+
 def test_output_does_not_depend_on_worker_count_and_rerun_is_a_noop(messy, tmp_path: Path) -> None:
     inp, _, out = messy
     report = build(inp, tmp_path / "one", workers=1)
