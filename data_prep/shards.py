@@ -279,9 +279,10 @@ def _finalize(cfg: BuildConfig, builder: dict[str, Any], records: list[dict[str,
     return manifest
 
 
-def _summary(manifest: dict[str, Any]) -> str:
+def _summary(manifest: dict[str, Any], output: str) -> str:
     t = manifest["totals"]
-    lines = [f"wrote {t['written']} samples in {len(manifest['shards'])} shards ({t['bytes'] / 1e6:.1f} MB); skipped {t['skipped']} of {t['inputs']} inputs"]
+    where = f" (each listed in {fmt.join(output, fmt.SKIPPED_NAME)})" if t["skipped"] else ""
+    lines = [f"wrote {t['written']} samples in {len(manifest['shards'])} shards ({t['bytes'] / 1e6:.1f} MB); skipped {t['skipped']} of {t['inputs']} inputs{where}"]
     lines += [f"  {reason}: {n}" for reason, n in t["skipped_by_reason"].items()]
     return "\n".join(lines)
 
@@ -315,7 +316,7 @@ def build_shards(
         if out_fs.exists(out_fs._strip_protocol(build_url)):
             out_fs.rm(out_fs._strip_protocol(build_url), recursive=True)
         t = manifest["totals"]
-        return BuildReport(EXIT_OK, "already complete, nothing to do\n" + _summary(manifest), t["written"], Counter(t["skipped_by_reason"]), t["inputs"], t["bytes"])
+        return BuildReport(EXIT_OK, "already complete, nothing to do\n" + _summary(manifest, cfg.output), t["written"], Counter(t["skipped_by_reason"]), t["inputs"], t["bytes"])
 
     config_url = fmt.join(build_url, "config.json")
     out_fs.makedirs(out_fs._strip_protocol(fmt.join(build_url, "done")), exist_ok=True)
@@ -366,7 +367,8 @@ def build_shards(
                 record = committer.commit(task, result)
                 report.image_bytes += result.image_bytes
                 report.worker_cpu_s += result.cpu_s
-                bar.set_postfix(shards=f"{c + 1}/{num_chunks}", refresh=False)
+                # chunks, not shards: a chunk whose inputs are all skipped writes no shard
+                bar.set_postfix(chunks=f"{c + 1}/{num_chunks}", refresh=False)
             records.append(record)
     except StrictSkip as e:
         bar.close()
@@ -382,7 +384,7 @@ def build_shards(
     t = manifest["totals"]
     report.written, report.skipped, report.bytes = t["written"], Counter(t["skipped_by_reason"]), t["bytes"]
     report.seconds = time.perf_counter() - t0
-    report.message = _summary(manifest)
+    report.message = _summary(manifest, cfg.output)
     if report.written == 0:
         report.exit_code = EXIT_NOTHING_WRITTEN
         report.message += "\nnothing usable was produced"

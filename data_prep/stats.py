@@ -18,6 +18,37 @@ def _quantiles(values: np.ndarray, unit: str, scale: float = 1.0) -> str:
     return "  ".join(f"{name} {v:.2f}{unit}" for name, v in zip(("min", "p10", "median", "p90", "max"), q))
 
 
+def stats_figure(manifest: dict, buckets: list[tuple[str, int]], sample_bytes: np.ndarray, source_mp: np.ndarray):
+    """Four panels: bucket histogram, stored-sample size, source-image size, skip reasons. Count axes get integer
+    ticks only (a count of 2.5 samples means nothing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on cluster nodes
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    axes[0].bar([b for b, _ in buckets], [c for _, c in buckets], color="tab:blue")
+    axes[0].set_title("bucket histogram")
+    axes[0].set_ylabel("samples")
+    axes[0].tick_params(axis="x", labelrotation=60)
+    axes[1].hist(sample_bytes / 1e6, bins=40, color="tab:green")
+    axes[1].set_title("stored sample size")
+    axes[1].set_xlabel("MB per sample")
+    axes[2].hist(source_mp, bins=40, color="tab:orange")
+    axes[2].set_title("source image size (after EXIF orientation)")
+    axes[2].set_xlabel("megapixels")
+    reasons = manifest.get("totals", {}).get("skipped_by_reason", {})
+    axes[3].bar(list(reasons), list(reasons.values()), color="tab:red")
+    axes[3].set_title("skip reasons (skipped.jsonl)" if reasons else "skip reasons: none skipped")
+    axes[3].tick_params(axis="x", labelrotation=60)
+    for ax in axes:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{manifest['num_samples']} samples, {len(manifest['shards'])} shards")
+    fig.tight_layout()
+    return fig
+
+
 def dataset_stats(data_dir: str, plot: str | None = None) -> tuple[str, str]:
     """Text report and the path of the PNG plot (default DATA/stats.png)."""
     manifest = fmt.load_manifest(data_dir)
@@ -40,26 +71,11 @@ def dataset_stats(data_dir: str, plot: str | None = None) -> tuple[str, str]:
     if totals.get("skipped_by_reason"):
         lines.append(f"skipped {totals['skipped']} of {totals['inputs']} inputs: " + ", ".join(f"{r} {c}" for r, c in totals["skipped_by_reason"].items()))
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    axes[0].bar([b for b, _ in buckets], [c for _, c in buckets], color="tab:blue")
-    axes[0].set_title("bucket histogram")
-    axes[0].set_ylabel("samples")
-    axes[0].tick_params(axis="x", labelrotation=60)
-    axes[1].hist(sample_bytes / 1e6, bins=40, color="tab:green")
-    axes[1].set_title("stored sample size")
-    axes[1].set_xlabel("MB per sample")
-    axes[2].hist(source_mp, bins=40, color="tab:orange")
-    axes[2].set_title("source image size (after EXIF orientation)")
-    axes[2].set_xlabel("megapixels")
-    fig.suptitle(f"{manifest['num_samples']} samples, {len(manifest['shards'])} shards")
-    fig.tight_layout()
+    fig = stats_figure(manifest, buckets, sample_bytes, source_mp)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
     plot = plot or fmt.join(data_dir, STATS_PLOT_NAME)
     put_atomic(plot, buf.getvalue())

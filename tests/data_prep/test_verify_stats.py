@@ -72,6 +72,24 @@ def test_verify_full_decodes_samples(dataset: Path, tmp_path: Path) -> None:
     assert len(problems) == 1 and problems[0].startswith(f"{rows[0]['shard']}: sample {rows[0]['key']}")
 
 
+def test_stats_plot_shows_skip_reasons_with_integer_count_ticks(dataset: Path) -> None:
+    """The plot `prep stats --help` promises: a skip-reason panel with the manifest's counts; count axes have only
+    whole-number ticks."""
+    import numpy as np
+
+    from data_prep.stats import stats_figure
+
+    manifest = fmt.load_manifest(str(dataset))
+    manifest["totals"]["skipped_by_reason"] = {"too_small": 3, "decode_error": 1}
+    fig = stats_figure(manifest, sorted(manifest["buckets"].items()), np.array([1e5, 2e5]), np.array([0.5, 1.5]))
+    axes = fig.axes
+    assert [a.get_title() for a in axes][3] == "skip reasons (skipped.jsonl)"
+    assert [p.get_height() for p in axes[3].patches] == [3, 1]
+    for ax in axes:
+        ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+
+
 def test_stats_prints_histogram_and_writes_png(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text, plot = dataset_stats(str(dataset), plot=str(tmp_path / "stats.png"))
     manifest = fmt.load_manifest(str(dataset))
