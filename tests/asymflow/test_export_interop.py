@@ -98,8 +98,9 @@ def test_the_three_lora_files_hold_the_same_tensors(exported) -> None:
 
 
 def test_official_layout_without_adapter_config(tmp_path, latent) -> None:
-    """The reference code's export: config.json + diffusion_pytorch_model.safetensors with x_embedder/proj_out/
-    norm_out, proj_buffer, scale_buffer and <module>.lora_A/B.weight, nothing else; alpha = rank (scale 1)."""
+    """The reference code's export: config.json + diffusion_pytorch_model.safetensors (bf16, as the reference
+    stores it) with x_embedder/proj_out/norm_out, proj_buffer, scale_buffer and <module>.lora_A/B.weight, nothing
+    else; alpha = rank (scale 1)."""
     model = apply_trainable(convert_transformer(latent, random_basis(dtype=torch.float32), 1.9),
                             "lora", LoRASettings(rank=3, alpha=3.0))
     gen = torch.Generator().manual_seed(8)
@@ -107,12 +108,15 @@ def test_official_layout_without_adapter_config(tmp_path, latent) -> None:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
+                p.copy_(p.bfloat16())  # bf16-exact values, so the bf16 file holds exactly this model
+        model.proj_buffer.copy_(model.proj_buffer.bfloat16())
+        model.scale_buffer.copy_(model.scale_buffer.bfloat16())  # s = 1.9 is 1.8984375 in bf16
     model.eval()
     sd = model.state_dict()
-    tensors = {name: sd[name].contiguous() for name in (*FULL_TENSORS, "proj_buffer", "scale_buffer")}
+    tensors = {name: sd[name].bfloat16().contiguous() for name in (*FULL_TENSORS, "proj_buffer", "scale_buffer")}
     for name, t in sd.items():
         if ".lora_A.default." in name or ".lora_B.default." in name:
-            tensors[name.replace(".default.", ".")] = t.contiguous()
+            tensors[name.replace(".default.", ".")] = t.bfloat16().contiguous()
     out = tmp_path / "official"
     out.mkdir()
     model.save_config(out)

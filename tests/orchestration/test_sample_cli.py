@@ -159,7 +159,8 @@ def test_readme_commands(run, exports, tmp_path) -> None:
     photo = tmp_path / "photo.png"
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(photo)
     subs = {"demo-output/runs/demo": run, "step-00000400": STEP_NAME, "path/to/official-adapter": str(official),
-            "path/to/FLUX.2-klein-base-9B": "assets/tiny_base", "photo.png": str(photo),
+            "path/to/FLUX.2-klein-base-9B": "assets/tiny_base", "assets/tiny_base": str(README.parent / "assets/tiny_base"),
+            "photo.png": str(photo),
             "samples/": f"{tmp_path / 'samples'}/"}
 
     def substitute(text: str) -> str:
