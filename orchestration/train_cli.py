@@ -28,6 +28,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. --set train.lr=1e-4 (repeatable)")
     train.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check everything as a real run would, print the resolved config, world size, batch "
+                       "arithmetic, epoch and checkpoint schedule and the predicted memory per worker; start nothing")
     train.set_defaults(func=_run_train)
 
     export = sub.add_parser(
@@ -81,7 +84,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     # A ConfigError (bad config, failed preflight) propagates to `orchestration.cli.main`: one line, exit 2.
     flags, names = cli_flags(args)
-    result = launch(load_config(args.config, args.overrides, flags, names), overwrite=args.overwrite)
+    cfg = load_config(args.config, args.overrides, flags, names)
+    if args.dry_run:
+        return _dry_run(cfg)
+    result = launch(cfg, overwrite=args.overwrite)
     if result.error is not None:
         # Ray's error carries the workers' tracebacks, already in the log above: one line here.
         first = next((line for line in str(result.error).splitlines() if line.strip()), type(result.error).__name__)
@@ -91,6 +97,18 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"stopped: checkpoint at step {result.stopped_at} in {result.run_dir}; the same command resumes")
         return 0
     print(f"done: {result.run_dir}")
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    from orchestration.dry_run import dry_run_report
+    from orchestration.launcher import check_run_dir
+    from orchestration.preflight import check_inputs, resolve_local_paths
+
+    cfg = resolve_local_paths(cfg)
+    check_inputs(cfg)
+    check_run_dir(cfg, overwrite=False)  # a run directory of another config is refused here too; nothing deleted
+    print(dry_run_report(cfg))
     return 0
 
 

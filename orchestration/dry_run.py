@@ -1,0 +1,133 @@
+"""`asymflow train --dry-run`: the resolved config, world size, batch arithmetic, epoch and checkpoint schedule and the
+predicted memory per worker (docs/SCALING.md's model), after the same preflight as a real run; nothing is started."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from orchestration.config import RunConfig
+
+PIXEL_TOKEN = 768  # 3 Oklab channels × 16² pixels: the converted model's x_embedder input / proj_out output
+IMAGE_ALGEBRA_TENSORS = 20  # fp32 image-space tensors of one AsymFlow step (SCALING.md: x_0, x_t, twins, targets, …)
+RECOMPUTE_TRANSIENT = 20  # T·d values alive while one checkpointed block is recomputed (q, k, v, MLP in/out, …)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # the converted pixel model
+    trainable: int
+    full_modules: int  # fully trained modules (the tied teacher keeps frozen copies of these)
+    layers: int  # transformer blocks (double + single)
+    width: int  # hidden size d
+
+
+def count_parameters(cfg: RunConfig) -> ParamCounts:
+    """Parameter counts of the run's pixel model and trainable set, from the latent base's config on the meta
+    device (a klein-sized model costs no memory): converting changes only x_embedder/proj_out's token width."""
+    from asymflow.trainable import apply_trainable
+
+    latent = _latent_on_meta(cfg)
+    r = latent.x_embedder.weight.shape[1]
+    d = latent.x_embedder.weight.shape[0]
+    growth = (PIXEL_TOKEN - r) * (d + latent.proj_out.weight.shape[1])
+    if getattr(latent.proj_out, "bias", None) is not None:
+        growth += PIXEL_TOKEN - r
+    total = sum(p.numel() for p in latent.parameters()) + growth
+    apply_trainable(latent, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
+    trainable = sum(p.numel() for p in latent.parameters() if p.requires_grad) + growth
+    full = sum(p.numel() for name, p in latent.named_parameters()
+               if p.requires_grad and "lora_" not in name) + growth if cfg.trainable.mode == "lora" else total
+    layers = len(latent.transformer_blocks) + len(latent.single_transformer_blocks)
+    return ParamCounts(total, trainable, full, layers, d)
+
+
+def _latent_on_meta(cfg: RunConfig) -> torch.nn.Module:
+    from diffusers import Flux2Transformer2DModel
+
+    from asymflow.components import BUNDLED_PATH, load_base_components
+
+    m = cfg.model
+    if m.kind == "tiny":  # built in code, a few MB: the real thing is as cheap as a meta copy
+        return load_base_components(m, ("transformer",)).transformer
+    root = m.path or str(BUNDLED_PATH)
+    config = Flux2Transformer2DModel.load_config(root, subfolder="transformer")
+    with torch.device("meta"):
+        return Flux2Transformer2DModel.from_config(config)
+
+
+def state_bytes_per_rank(p: ParamCounts, world: int, gpu: bool, teacher: str) -> float:
+    """ZeRO-3 model states per rank (SCALING.md): every parameter partitioned in the compute dtype, plus gradient,
+    fp32 master and Adam m, v of the trainable ones; the teacher's frozen copies (tied: the fully trained modules;
+    copy: the whole model) are not partitioned. GPU: bf16 (2 B); CPU: fp32 (4 B)."""
+    b = 2 if gpu else 4
+    per_trainable = b + 4 + 8 if gpu else 4 + 4 + 8  # grad + fp32 master + Adam (CPU: the fp32 param is the master)
+    teacher_bytes = b * (p.full_modules if teacher == "tied" else p.total)
+    return (b * p.total + per_trainable * p.trainable) / world + teacher_bytes
+
+
+def activation_bytes_per_sample(p: ParamCounts, height: int, width: int, text_tokens: int, gpu: bool,
+                                checkpointing: bool) -> float:
+    """Activations of one sample (SCALING.md): with checkpointing, each block's input (L·T·d) plus one block's
+    recompute transient (≈ 20·T·d); without, ≈ 20·T·d per block; plus the fp32 image-space AsymFlow algebra."""
+    b = 2 if gpu else 4
+    tokens = (height // 16) * (width // 16) + text_tokens
+    blocks = (p.layers + RECOMPUTE_TRANSIENT) if checkpointing else RECOMPUTE_TRANSIENT * p.layers
+    return blocks * tokens * p.width * b + IMAGE_ALGEBRA_TENSORS * 3 * height * width * 4
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
+
+
+def dry_run_report(cfg: RunConfig) -> str:
+    """What `train` would do with `cfg` (already resolved and preflighted), as text."""
+    from data_prep.format import parse_bucket
+    from data_prep.reader import DatasetIndex
+    from orchestration import checkpoint as ckpt
+    from orchestration.data_plan import bucket_counts, steps_per_epoch
+
+    t, c = cfg.train, cfg.checkpoint
+    index = DatasetIndex.open(cfg.data.path)
+    buckets = bucket_counts(index.table)
+    per_epoch = steps_per_epoch(index.table, t.global_batch, cfg.data.drop_remainder)
+    width, height = max((parse_bucket(b) for b in buckets), key=lambda wh: wh[0] * wh[1])
+    world = t.workers if cfg.run.min_workers is None else f"{cfg.run.min_workers}..{t.workers} (elastic)"
+    saves = sorted({s for s in range(c.every, t.steps + 1, c.every)} | {t.steps})
+    restore = ckpt.find_restore_point(cfg.run_dir)
+    p = count_parameters(cfg)
+    states = state_bytes_per_rank(p, t.workers, t.use_gpu, cfg.trainable.teacher_kind())
+    act = activation_bytes_per_sample(p, height, width, cfg.model.max_sequence_length, t.use_gpu,
+                                      t.activation_checkpointing) * t.micro_batch
+    device = "GPU, bf16" if t.use_gpu else "CPU, fp32"
+    lines = [
+        "# dry run: nothing was started. Resolved config:",
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        "",
+        f"run directory: {cfg.run_dir}",
+        f"start: {f'resume from step {restore.step} ({restore.path})' if restore else 'pretrained init'}",
+        f"world: {world} worker(s) ({device}, {'nccl' if t.use_gpu else 'gloo'})",
+        f"batch: global {t.global_batch} = micro {t.micro_batch} x {t.workers} worker(s) x grad_accum {t.accum}",
+        f"data: {len(index)} samples in {len(buckets)} bucket(s) {buckets}; {per_epoch} steps per epoch "
+        f"({'dropping' if cfg.data.drop_remainder else 'padding'} each bucket's remainder); {t.steps} steps = "
+        f"{t.steps / max(per_epoch, 1):.2f} epochs",
+        f"lr: {t.lr:g}, warmup {t.warmup_steps} steps, then {t.lr_schedule}"
+        + (f" to {t.min_lr:g}" if t.lr_schedule != "constant" else ""),
+        f"checkpoints: every {c.every} steps and at the end -> {len(saves)} ({', '.join(map(str, saves[:8]))}"
+        f"{', ...' if len(saves) > 8 else ''}), keep the last {c.keep}",
+        f"samples: {f'every {cfg.sample.every} steps' if cfg.sample.every else 'off'}",
+        f"model: {_count(p.total)} parameters, {_count(p.trainable)} trainable "
+        f"({100 * p.trainable / p.total:.1f} %, {cfg.trainable.mode}), {p.layers} blocks of width {p.width}",
+        f"predicted memory per worker (docs/SCALING.md model, {device}): model states {_size(states)} + activations "
+        f"{_size(act)} (micro-batch {t.micro_batch} at the largest bucket {width}x{height}) = {_size(states + act)}; "
+        "framework, communication buffers and the perceptual network are not in the model",
+    ]
+    return "\n".join(lines)
