@@ -2,6 +2,7 @@
 formats, and the loaders: onto a latent base (ours, official layout included) or merged into a full model."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -216,10 +217,12 @@ def _load_plain(
         patch_size=config.get("patch_size", 16),
         in_channels=config.get("in_channels", 3),
     )
+    # A key the adapter's config leaves out takes the class default, as diffusers' from_config does.
+    defaults = {k: p.default for k, p in inspect.signature(AsymFlux2Transformer2DModel.__init__).parameters.items()}
     mismatched = {
-        key: (config.get(key), value)
+        key: (config.get(key, defaults.get(key)), value)
         for key, value in expected.items()
-        if _json_normalised(config.get(key)) != _json_normalised(value)
+        if _json_normalised(config.get(key, defaults.get(key))) != _json_normalised(value)
     }
     if mismatched:
         details = ", ".join(f"{key}: adapter {a!r} vs base {b!r}" for key, (a, b) in mismatched.items())

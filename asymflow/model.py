@@ -107,15 +107,16 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | PathLike, *args: Any, **kwargs: Any):
         """diffusers' `from_pretrained`, refusing a directory that holds only part of the model (an adapter export:
         diffusers would leave the missing tensors on the meta device and fail at the first forward)."""
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        # missing_keys covers both loaders: low_cpu_mem_usage leaves them on meta, the other path random.
+        missing = sorted(info["missing_keys"])
         if missing:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds only part of an {cls.__name__} ({len(missing)} tensors "
                 f"missing, e.g. {missing[0]}): it is an adapter; load it with asymflow.load_adapter(dir, latent_base)"
             )
-        return loaded
+        return (model, info) if want_info else model
 
     @classmethod
     def from_latent_config(
