@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def check_size(name: str, value: int) -> None:
                          f"16×16 pixel patch); try {lo} or {lo + PIXEL_MULTIPLE}")
 
 
-def sampling_bytes(config: Any, height: int, width: int, text_len: int, guided: bool, ref_tokens: int,
+def sampling_bytes(config: Mapping[str, Any], height: int, width: int, text_len: int, guided: bool, ref_tokens: int,
                    dtype_bytes: int) -> int:
     """Rough peak memory of one sampling step beyond the weights.
 
@@ -70,10 +71,10 @@ def sampling_bytes(config: Any, height: int, width: int, text_len: int, guided: 
     temporaries. The fp32 image, velocity, guidance terms and solver history add ~10 images of 3·H·W fp32.
     Attention itself is taken as memory-efficient (SDPA on CPU and GPU), so no N² term.
     """
-    inner = config.num_attention_heads * config.attention_head_dim
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
     tokens = (height // PIXEL_MULTIPLE) * (width // PIXEL_MULTIPLE) + ref_tokens + text_len
     batch = 2 if guided else 1
-    per_token = (3 + 2 * config.mlp_ratio + 2) * inner * dtype_bytes * 3
+    per_token = (3 + 2 * config.get("mlp_ratio", 3.0) + 2) * inner * dtype_bytes * 3
     return int(batch * tokens * per_token + 10 * 3 * height * width * 4)
 
 
@@ -147,7 +148,7 @@ def sample_to_pngs(args: argparse.Namespace) -> list[Path]:
     import torch
     from PIL import Image
 
-    from orchestration.sample_source import load_pipeline, resolve_source
+    from orchestration.sample_source import load_pipeline, resolve_source, transformer_facts
 
     for name in ("height", "width"):
         if getattr(args, name) is not None:
@@ -173,19 +174,20 @@ def sample_to_pngs(args: argparse.Namespace) -> list[Path]:
     guidance = args.guidance if args.guidance is not None else d.get("guidance", DEFAULT_GUIDANCE)
     device = args.device or _default_device()
 
-    pipe = load_pipeline(src, device=device, weights=args.weights)
-    transformer = pipe.transformer
     ref_tokens = 0
     if references:
         from asymflow.reference import reference_size
 
         ref_tokens = sum(h * w // PIXEL_MULTIPLE**2 for h, w in (reference_size(im) for im in references))
-    need = sampling_bytes(transformer.config, height, width, pipe.config.max_sequence_length, guidance != 1.0,
-                          ref_tokens, torch.finfo(transformer.dtype).bits // 8)
+    # Checked before loading: a multi-GB model is not loaded for a request it cannot serve.
+    config, text_len, weight_bytes = transformer_facts(src)
+    need = sampling_bytes(config, height, width, text_len, guidance != 1.0, ref_tokens, weight_bytes)
     have = available_bytes(str(device))
     if need > have:
         raise ValueError(f"{width}x{height} needs about {need / 2**30:.1f} GiB to sample on {device} but "
                          f"{have / 2**30:.1f} GiB are free; choose a smaller --height/--width")
+
+    pipe = load_pipeline(src, device=device, weights=args.weights)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,30 @@ def resolve_source(source: str, step: int | None = None, base: str | None = None
     return Source(kind, source, base=chosen, defaults=defaults)
 
 
+def transformer_facts(src: Source) -> tuple[dict[str, Any], int, int]:
+    """(backbone config, text length, bytes per weight) of SOURCE's transformer, read from config files without
+    loading any weights, so a request too large to sample is refused before a large model is loaded."""
+    from diffusers import Flux2Transformer2DModel
+
+    from asymflow.components import BUNDLED_PATH, DTYPES
+    from asymflow.tiny import TINY_TRANSFORMER_CONFIG
+
+    root = Path(src.path)
+    if src.kind == "pipeline":
+        index = json.loads((root / "model_index.json").read_text())
+        config = json.loads((root / "transformer" / "config.json").read_text())
+        return config, int(index.get("max_sequence_length", 512)), 4
+    base = src.base
+    bytes_per = torch.finfo(DTYPES[base.dtype]).bits // 8
+    if src.kind in ("model", "adapter"):
+        config = json.loads((root / "config.json").read_text())
+    elif base.kind == "tiny":
+        config = dict(TINY_TRANSFORMER_CONFIG)
+    else:
+        config = dict(Flux2Transformer2DModel.load_config(base.path or str(BUNDLED_PATH), subfolder="transformer"))
+    return config, base.max_sequence_length, bytes_per
+
+
 def load_pipeline(
     source: str | Source,
     step: int | None = None,
