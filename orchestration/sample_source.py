@@ -160,7 +160,7 @@ def load_pipeline(
     `dtype` casts the transformer (B and s stay fp32); default: the base config's dtype (fp32 for a directory).
     Raises ValueError / FileNotFoundError with a one-line message on bad input.
     """
-    from asymflow.components import DTYPES, load_base_components
+    from asymflow.components import BUNDLED_PATH, DTYPES, load_base_components
     from asymflow.export import load_adapter
     from asymflow.model import AsymFlux2Transformer2DModel
     from asymflow.pipeline import AsymFlux2KleinPipeline
@@ -176,7 +176,12 @@ def load_pipeline(
         elif src.kind == "model":
             transformer = AsymFlux2Transformer2DModel.from_pretrained(src.path, torch_dtype=dtype)
         else:
-            transformer = load_adapter(src.path, load_base_components(src.base, ("transformer",)).transformer)
+            local = Path(src.base.path or BUNDLED_PATH) / "transformer" if src.base.kind != "tiny" else None
+            if local is not None and local.is_dir():
+                # A path, not a loaded model: load_adapter then owns the base and converts it without a second copy.
+                transformer = load_adapter(src.path, local, dtype=DTYPES[src.base.dtype])
+            else:  # in-code tiny model, or a hub id
+                transformer = load_adapter(src.path, load_base_components(src.base, ("transformer",)).transformer)
         target = dtype or DTYPES[src.base.dtype]
         if transformer.dtype != target:
             transformer = transformer.to(target)
