@@ -33,7 +33,8 @@ def add_sample_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt for guidance [empty]")
     p.add_argument("--image", action="append", default=[], metavar="REF",
-                   help="reference image (repeatable; spec §5.4 conditioning, like FLUX.2 klein's image input)")
+                   help="reference image (repeatable; spec §5.4 conditioning, like FLUX.2 klein's image input); "
+                        "without --height/--width the first one's size is used")
     p.add_argument("--height", type=int, help="image height, a multiple of 16")
     p.add_argument("--width", type=int, help="image width, a multiple of 16")
     p.add_argument("--steps", type=int, help="sampler steps")
@@ -166,19 +167,19 @@ def sample_to_pngs(args: argparse.Namespace) -> list[Path]:
         except (OSError, ValueError) as exc:
             raise ValueError(f"--image {path}: cannot read the image ({exc})") from exc
 
+    from asymflow.reference import reference_size
+
+    ref_sizes = [reference_size(im) for im in references]
+    ref_tokens = sum(h * w // PIXEL_MULTIPLE**2 for h, w in ref_sizes)
     src = resolve_source(args.source, args.step, args.base)
-    d = src.defaults
+    # Size: the flags, else the first reference's (as Flux2KleinPipeline does), else what SOURCE records, else 1024².
+    d = {**src.defaults, **(dict(zip(("height", "width"), ref_sizes[0])) if ref_sizes else {})}
     height = args.height or d.get("height") or DEFAULT_SIZE
     width = args.width or d.get("width") or DEFAULT_SIZE
     steps = args.steps or d.get("steps") or DEFAULT_STEPS
     guidance = args.guidance if args.guidance is not None else d.get("guidance", DEFAULT_GUIDANCE)
     device = args.device or _default_device()
 
-    ref_tokens = 0
-    if references:
-        from asymflow.reference import reference_size
-
-        ref_tokens = sum(h * w // PIXEL_MULTIPLE**2 for h, w in (reference_size(im) for im in references))
     # Checked before loading: a multi-GB model is not loaded for a request it cannot serve.
     config, text_len, weight_bytes = transformer_facts(src)
     need = sampling_bytes(config, height, width, text_len, guidance != 1.0, ref_tokens, weight_bytes)

@@ -102,8 +102,12 @@ def test_sample_with_a_reference_image(exports, tmp_path) -> None:
     Image.fromarray((np.random.default_rng(0).random((48, 32, 3)) * 255).astype(np.uint8)).save(ref)
     (with_ref,) = _sample(str(exports["adapter"]), tmp_path / "ref", "--image", str(ref))
     (without,) = _sample(str(exports["adapter"]), tmp_path / "plain")
-    assert json.loads(Image.open(with_ref).text["asymflow"])["reference_images"] == [str(ref)]
-    assert not np.array_equal(_pixels(with_ref), _pixels(without))
+    settings = json.loads(Image.open(with_ref).text["asymflow"])
+    assert settings["reference_images"] == [str(ref)]
+    assert Image.open(with_ref).size == (32, 48)  # the reference's size (W×H) unless --height/--width say otherwise
+    (sized,) = _sample(str(exports["adapter"]), tmp_path / "sized", "--image", str(ref), "--height", "32")
+    assert Image.open(sized).size == (32, 32)
+    assert not np.array_equal(_pixels(sized), _pixels(without))  # same size, same seed: the reference conditions
 
 
 def test_bad_requests_fail_with_one_line(run, exports, tmp_path, capsys) -> None:
