@@ -60,6 +60,25 @@ def maybe_init_ray(cfg: RunConfig) -> bool:
     return True
 
 
+def trainer_class(local_ray: bool):
+    """TorchTrainer; on a local Ray this process started (no dashboard), without Ray Train's PlacementGroupCleaner.
+    That helper asks the dashboard's state API whether the controller lives; without a dashboard every query fails
+    and it logs "Failed to query Ray Train Controller actor state" every second of the run (with a traceback when
+    the machine runs another Ray instance). Its job — freeing the placement group of a dead controller — is done
+    here by `ray.shutdown()`. `_create_default_callbacks` is Ray 2.60's (setup.py pins ray ~=2.60.0)."""
+    from ray.train.torch import TorchTrainer
+
+    if not local_ray:
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return LocalTorchTrainer
+
+
 def build_scaling_config(cfg: RunConfig):
     """Worker count (fixed, or elastic `(run.min_workers, train.workers)`: Ray Train V2 starts with what fits and
     grows back when nodes return) and the placement strategy across nodes (PACK / SPREAD / STRICT_*)."""
@@ -78,11 +97,20 @@ def stopped_step(cfg: RunConfig) -> int | None:
     return restore.step
 
 
-def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> LaunchResult:
-    """Validate inputs, then run the worker group to `train.steps` (resuming from the latest checkpoint)."""
+def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True,
+           resume_from: int | None = None, verbose: bool = False) -> LaunchResult:
+    """Validate inputs, then run the worker group to `train.steps`, resuming from the latest checkpoint (or from
+    `resume_from`, whose later checkpoints are moved aside first)."""
     cfg = resolve_local_paths(cfg)
     if check:
         check_inputs(cfg)
+    if resume_from is not None:
+        from orchestration.rewind import rewind_to
+
+        moved = rewind_to(cfg.run_dir, resume_from, cfg.config_hash())
+        if moved:
+            print(f"[asymflow] resuming from step {resume_from}: checkpoints {moved} moved to "
+                  f"{cfg.run_dir}/abandoned/", flush=True)
     restore = check_run_dir(cfg, overwrite)
     if restore is not None and restore.step >= cfg.train.steps:
         return LaunchResult(cfg.run_dir, None, {"step": restore.step})
@@ -99,13 +127,12 @@ def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True) -> Launc
         if shortfall:
             raise ConfigError(shortfall)
         from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig
-        from ray.train.torch import TorchTrainer
 
         from orchestration.worker import train_loop_per_worker
 
-        trainer = TorchTrainer(
+        trainer = trainer_class(local_ray=started and not cfg.run.ray_address)(
             train_loop_per_worker,
-            train_loop_config={"config": cfg.to_dict()},
+            train_loop_config={"config": cfg.to_dict(), "verbose": verbose},
             scaling_config=build_scaling_config(cfg),
             run_config=RayRunConfig(
                 name=cfg.run.name,

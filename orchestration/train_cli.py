@@ -28,6 +28,12 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. --set train.lr=1e-4 (repeatable)")
     train.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+    train.add_argument("--resume-from", type=int, metavar="STEP",
+                       help="resume from this complete checkpoint instead of the latest; later checkpoints are moved "
+                       "to RUN_DIR/abandoned/ (kept, never restored)")
+    train.add_argument("--verbose", action="store_true",
+                       help="keep the libraries' own output in the log (deprecation warnings, Ray Train's report "
+                       "dicts, wandb's tables), which is filtered by default")
     train.add_argument("--dry-run", action="store_true",
                        help="check everything as a real run would, print the resolved config, world size, batch "
                        "arithmetic, epoch and checkpoint schedule and the predicted memory per worker; start nothing")
@@ -83,11 +89,13 @@ def _run_train(args: argparse.Namespace) -> int:
     from orchestration.launcher import launch
 
     # A ConfigError (bad config, failed preflight) propagates to `orchestration.cli.main`: one line, exit 2.
+    if args.resume_from is not None and args.overwrite:
+        raise ValueError("--resume-from and --overwrite contradict each other (--overwrite deletes every checkpoint)")
     flags, names = cli_flags(args)
     cfg = load_config(args.config, args.overrides, flags, names)
     if args.dry_run:
         return _dry_run(cfg)
-    result = launch(cfg, overwrite=args.overwrite)
+    result = launch(cfg, overwrite=args.overwrite, resume_from=args.resume_from, verbose=args.verbose)
     if result.error is not None:
         # Ray's error carries the workers' tracebacks, already in the log above: one line here.
         first = next((line for line in str(result.error).splitlines() if line.strip()), type(result.error).__name__)

@@ -19,6 +19,7 @@ from orchestration.config import RunConfig, local_file
 from orchestration.goodput import Goodput, executed_steps
 from orchestration.lr_schedule import lr_factor
 from orchestration.progress import write_progress
+from orchestration.quiet import quiet_library_output
 from orchestration.preemption import (CONTINUE, PREEMPT, STOP, Preempted, PreemptionFlag, agree_to_stop,
                                       maybe_ray_preemption_notice)
 from orchestration.stop_request import StopPoller, clear_stop_request, read_stop_request
@@ -39,6 +40,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
 
     cfg = RunConfig.model_validate(payload["config"])
+    if not payload.get("verbose"):
+        quiet_library_output(cfg.train.use_gpu)
     context = ray.train.get_context()
     trainer = Trainer(cfg, rank=context.get_world_rank(), world_size=context.get_world_size(),
                       local_rank=context.get_local_rank())
@@ -390,8 +393,10 @@ class Trainer:
         staging = ckpt.staging_dir(self.run_dir, step)
         # Frozen weights are never written (DESIGN §2): the base is rebuilt from the pretrained files at every start,
         # and at 9B their partitions would be ~70 % of the checkpoint's bytes (and of any universal conversion).
+        # save_latest: a `latest` file naming the tag, so DeepSpeed's own zero_to_fp32.py in the checkpoint works as
+        # DeepSpeed documents it (our restore always names the tag).
         self.engine.save_checkpoint(ckpt.local_engine_dir(self.run_dir, step, self.rank), tag=ckpt.ENGINE_TAG,
-                                    save_latest=False, exclude_frozen_parameters=True)
+                                    save_latest=True, exclude_frozen_parameters=True)
         ckpt.upload_engine_files(self.run_dir, step, self.rank, self.retry)  # object storage: each rank its own files
         from deepspeed.utils import safe_get_full_fp32_param
 

@@ -199,6 +199,25 @@ def test_frozen_weights_are_in_no_checkpoint(plain):
                                        for n in names - buffers)
 
 
+def test_deepspeed_zero_to_fp32_consolidates_a_checkpoint(plain, tmp_path):
+    """DeepSpeed's own script, copied into every checkpoint, run as DeepSpeed documents it (the `latest` file names
+    the tag): its fp32 weights equal our consolidated trainable.safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    step_dir = plain / "checkpoints" / f"step-{STEPS:08d}"
+    assert (step_dir / "latest").read_text() == "engine"
+    subprocess.run([sys.executable, str(step_dir / "zero_to_fp32.py"), str(step_dir), str(tmp_path),
+                    "--safe_serialization", "--exclude_frozen_parameters"], check=True, capture_output=True,
+                   timeout=300)
+    ours = load_file(step_dir / "trainable.safetensors")
+    theirs = {k: v for f in sorted(tmp_path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    trainable = {k for k in ours if k not in ("proj_buffer", "scale_buffer")}
+    assert trainable and trainable <= set(theirs), sorted(trainable - set(theirs))[:5]
+    for name in trainable:
+        assert torch.equal(ours[name], theirs[name].float()), name
+
+
 def test_checkpoint_interrupted_while_writing_is_ignored(dataset, plain, halfway, tmp_path):
     """What a job killed mid-write leaves (a staging dir, a step dir without COMPLETE) is never loaded: rerunning the
     same command resumes from the previous complete checkpoint and ends where the uninterrupted run ends."""
