@@ -21,6 +21,7 @@ SUITE: list[tuple[str, list[str]]] = [
     ("zero3_memory", []),
     ("checkpoint", ["--reps", "5"]),
     ("asymflow_overhead", ["--reps", "7", "--vae-reps", "1"]),
+    ("sampler", []),  # single-threaded; 262 s measured at a load of 4–5 on the shared 2-core box
     ("gpu_step", []),
 ]
 
