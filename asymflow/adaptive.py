@@ -1,4 +1,4 @@
-"""Error-controlled adaptive sampler: a variable-step predictor–corrector pair on x̂₀ with step rejection and an NFE budget."""
+"""Error-controlled adaptive sampler: variable-step predictor–corrector on x̂₀, step rejection, a hard NFE budget."""
 from __future__ import annotations
 
 import math
@@ -127,7 +127,7 @@ def exponential_step(
 
 
 def predictor_slope(d_s: torch.Tensor, d_prev: torch.Tensor | None, r: float) -> torch.Tensor | None:
-    """Linear extrapolation of the last two x̂₀: a = (D_s − D_{s−1})/r, r = (λ_s − λ_{s−1})/h (order 2); None at start."""
+    """Linear extrapolation of the last two x̂₀: a = (D_s − D_{s−1})/r, r = (λ_s − λ_{s−1})/h; None at the start."""
     return None if d_prev is None else (d_s - d_prev) / r
 
 

@@ -102,9 +102,9 @@ NOTES = {
                "of cond + uncond once), rejected adaptive steps included. The headline interpolates the adaptive "
                "curve in log NFE to the PSNR of 32-step UniPC with the dynamic shift; ratio = adaptive NFE / 32. "
                "The 128-step run's distance to the reference is the floor under which figures say nothing: its max "
-               "|Δ| of 23 codes comes from a few pixels (14–52 of 16384 per image differ by > 5 codes, checked on 3 of the "
-               "images) while its PSNR is 54.4 dB — likely the x̂₀ of a model hardly trained at σ < 0.02 still moving "
-               "where the two runs stop (σ 0.017 vs 0.008). Static shift 17 (FlowAdapterScheduler's default, tuned for "
+               "|Δ| of 23 codes comes from a few pixels (14–52 of 16384 per image differ by > 5 codes, checked on 3 "
+               "of the images) while its PSNR is 54.4 dB — likely the x̂₀ of a model hardly trained at σ < 0.02 "
+               "still moving where the two runs stop (σ 0.017 vs 0.008). Static shift 17 (FlowAdapterScheduler's default, tuned for "
                "1024²) is far worse at 128² than the dynamic shift (S = 2.125). Where the steps go "
                "(bench/sampler.png, σ and log-SNR histograms): the adaptive sampler spends ~7 of its ~19 evaluations "
                "(rejected tries included) at σ > 0.95 (λ < −3), where the guided x̂₀ of this model changes fastest in "
@@ -143,8 +143,8 @@ TARGETS = [
 
 def sampler_table(curve: list[dict]) -> str:
     """The error-vs-NFE points of bench/sampler.py as one table (their records carry nfe, psnr and max_abs)."""
-    lines = ["| sampler | steps / tol | NFE (mean, min–max) | PSNR dB (mean / worst) | max abs Δ (codes) | rejected per image |"
-             " stopped at σ (mean) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| sampler | steps / tol | NFE (mean, min–max) | PSNR dB (mean / worst) | max abs Δ (codes) "
+             "| rejected per image | stopped at σ (mean) |", "|---|---|---|---|---|---|---|"]
     for r in curve:
         if r["sampler"] == "adaptive":
             lines.append(f"| adaptive | tol {r['tol']:g} | {r['nfe']:.1f} ({r['nfe_min']}–{r['nfe_max']}) | "

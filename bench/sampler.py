@@ -160,7 +160,8 @@ def main() -> int:
                      "last_sigma": sum(r.accepted[-1] for r in reports) / len(reports)})
 
     # ------------------------------------------------------------------ report
-    print(f"\nreference self-check ({REFERENCE_STEPS // 2} vs {REFERENCE_STEPS} steps): PSNR {sum(ref_psnr) / len(ref_psnr):.1f} dB mean, "
+    print(f"\nreference self-check ({REFERENCE_STEPS // 2} vs {REFERENCE_STEPS} steps): "
+          f"PSNR {sum(ref_psnr) / len(ref_psnr):.1f} dB mean, "
           f"max |Δ| {max(ref_max)} codes")
     print(f"{'sampler':<16}{'steps/tol':>10}{'NFE':>8}{'PSNR dB':>9}{'min':>7}{'max|Δ|':>8}  notes")
     for r in rows:
@@ -168,7 +169,8 @@ def main() -> int:
         notes = "" if r["sampler"] != "adaptive" else (
             f"NFE {r['nfe_min']}-{r['nfe_max']}, rejected {r['rejected']:.1f}/image, ends at σ≈{r['last_sigma']:.3f} "
             f"({','.join(r['finished_by'])})")
-        print(f"{r['sampler']:<16}{key:>10}{r['nfe']:>8.1f}{r['psnr']:>9.2f}{r['psnr_min']:>7.1f}{r['max_abs']:>8}  {notes}")
+        print(f"{r['sampler']:<16}{key:>10}{r['nfe']:>8.1f}{r['psnr']:>9.2f}{r['psnr_min']:>7.1f}"
+              f"{r['max_abs']:>8}  {notes}")
     target = next(r for r in rows if r["sampler"] == "unipc_dynamic" and r["steps"] == TARGET_STEPS)
     ada_points = [(r["nfe"], r["psnr"]) for r in rows if r["sampler"] == "adaptive"]
     needed = nfe_to_reach(target["psnr"], ada_points)
@@ -202,7 +204,8 @@ def main() -> int:
                   "subspace_scale": scale, "model": "assets/tiny_base (bundled), converted, not fine-tuned",
                   "threads": args.threads, "wall_s": round(wall, 1)}
         common.record("sampler", "nfe_to_match_unipc32", needed if needed is not None else float("nan"),
-                      float(TARGET_STEPS), ratio, "NFE (baseline: 32-step UniPC, dynamic shift; ratio = adaptive/fixed, "
+                      float(TARGET_STEPS), ratio, "NFE (baseline: 32-step UniPC, dynamic shift; "
+                      "ratio = adaptive/fixed, "
                       "goal ≤ 0.7)", config=config, target_psnr_db=round(target["psnr"], 3), reached=needed is not None)
         for name, n in also.items():
             common.record("sampler", f"nfe_to_match_unipc32_by_{name}", n if n is not None else float("nan"),
@@ -248,7 +251,8 @@ def plot(path: str, rows: list[dict], adaptive_sigmas: dict[float, list[float]],
     axes[1].axhline(floor[1], color="k", lw=0.8, ls="-.", label=f"{REFERENCE_STEPS // 2}-step UniPC vs reference")
     if needed is not None:
         axes[0].axvline(needed, color="C3", lw=0.8, ls=":")
-    axes[0].set(xscale="log", xlabel="NFE (model evaluations; a CFG pass counts once)", ylabel="PSNR vs 256-step ref (dB)",
+    axes[0].set(xscale="log", xlabel="NFE (model evaluations; a CFG pass counts once)",
+                ylabel="PSNR vs 256-step ref (dB)",
                 title=f"error vs NFE (32-step UniPC: {target['psnr']:.1f} dB; adaptive needs "
                       f"{'n/a' if needed is None else f'{needed:.1f}'})")
     axes[1].set(xscale="log", yscale="log", xlabel="NFE", ylabel="max |Δ| (8-bit codes, worst image)",
@@ -264,7 +268,8 @@ def plot(path: str, rows: list[dict], adaptive_sigmas: dict[float, list[float]],
     axes[2].hist(adaptive_sigmas[pick["tol"]], bins=bins, weights=weights, color="C3", alpha=0.6,
                  label=f"adaptive tol {pick['tol']:g} (mean NFE {pick['nfe']:.1f}), per image")
     grid = next(r for r in rows if r["sampler"] == "unipc_dynamic" and r["steps"] == TARGET_STEPS)["sigmas"]
-    axes[2].hist(grid, bins=bins, histtype="step", color="C0", lw=1.5, label=f"UniPC dynamic shift, {TARGET_STEPS} steps")
+    axes[2].hist(grid, bins=bins, histtype="step", color="C0", lw=1.5,
+                 label=f"UniPC dynamic shift, {TARGET_STEPS} steps")
     grid16 = next(r for r in rows if r["sampler"] == "unipc_dynamic" and r["steps"] == 16)["sigmas"]
     axes[2].hist(grid16, bins=bins, histtype="step", color="C0", ls="--", lw=1.2, label="UniPC dynamic shift, 16 steps")
     axes[2].set(xlabel="σ where the model was evaluated (rejected tries included)",

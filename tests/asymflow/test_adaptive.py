@@ -1,4 +1,4 @@
-"""Adaptive sampler against closed-form flows: exact integrator, convergence as tol → 0, rejection, NFE budget, seeds."""
+"""Adaptive sampler vs closed-form flows: exact integrator, convergence as tol → 0, rejection, NFE budget, seeds."""
 from __future__ import annotations
 
 import math
@@ -189,7 +189,8 @@ def test_config_rejects_nonsense() -> None:
 
 @pytest.fixture(scope="module")
 def pixel_model() -> torch.nn.Module:
-    return convert_transformer(build_tiny_transformer(), random_basis(768, 128, seed=0).float().contiguous(), 1.3).eval()
+    basis = random_basis(768, 128, seed=0).float().contiguous()
+    return convert_transformer(build_tiny_transformer(), basis, 1.3).eval()
 
 
 def _embeds(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
