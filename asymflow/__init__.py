@@ -31,6 +31,9 @@ _PUBLIC = {
     "AsymFlux2KleinPipeline": "asymflow.pipeline",
     "sample_images": "asymflow.pipeline",
     "FlowAdapterScheduler": "asymflow.scheduler",
+    "AdaptiveConfig": "asymflow.adaptive",
+    "SamplingReport": "asymflow.adaptive",
+    "sample_adaptive": "asymflow.adaptive",
 }
 
 __all__ = sorted(_PUBLIC)
