@@ -80,6 +80,16 @@ def adapter_state_dict(
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
 
 
+def _umask_modes(root: Path) -> None:
+    """Give every written file the mode the user's umask implies: safetensors writes its files 0600 (a temporary
+    file renamed into place), which left the weights unreadable to the group next to 0644 siblings."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def write_staged(out_dir: str | PathLike, write: Callable[[Path], None]) -> Path:
     """Run `write(staging)` into a fresh sibling directory, then rename it to `out_dir` (replacing an old one).
 
@@ -92,6 +102,7 @@ def write_staged(out_dir: str | PathLike, write: Callable[[Path], None]) -> Path
     staging.mkdir()
     try:
         write(staging)
+        _umask_modes(staging)
         if out.exists():
             old = out.parent / f".old-{out.name}-{os.getpid()}"
             out.rename(old)

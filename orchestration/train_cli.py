@@ -133,5 +133,12 @@ def _run_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"exported: {out}")
+    from orchestration import checkpoint as ckpt
+    from orchestration.artifacts import resolve_checkpoint
+
+    step = ckpt.read_state(resolve_checkpoint(args.run_dir, args.step))["step"]
+    kind = "pipeline" if args.pipeline else "merged model" if args.merged else "adapter"
+    files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
+    print(f"exported the {kind} of step {step} ({'EMA' if args.weights == 'ema' else 'raw trainable'} weights) to "
+          f"{out}: {', '.join(files) or 'subdirectories only'}")
     return 0

@@ -45,6 +45,18 @@ def outputs(model: AsymFlux2Transformer2DModel) -> torch.Tensor:
         return model(*inputs())
 
 
+def test_exported_files_share_the_umask_mode(tmp_path, trained) -> None:
+    """safetensors writes 0600; every exported file gets the mode the umask implies, like its JSON siblings."""
+    import os
+
+    out = export_adapter(trained, tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
 def test_exported_tensors(tmp_path, trained) -> None:
     export_adapter(trained, tmp_path)
     tensors = load_file(tmp_path / WEIGHTS_NAME)
