@@ -150,10 +150,10 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
         return save_merged(model, target, card=card, base_info=base_record(cfg))
     from asymflow.components import load_base_components
     from asymflow.pipeline import AsymFlux2KleinPipeline
-    from asymflow.scheduler import FlowAdapterScheduler
+    from asymflow.scheduler import released_pipeline_scheduler
 
     parts = load_base_components(cfg.model, ("text_encoder", "tokenizer"))
-    pipe = AsymFlux2KleinPipeline(model, FlowAdapterScheduler(), parts.text_encoder, parts.tokenizer,
+    pipe = AsymFlux2KleinPipeline(model, released_pipeline_scheduler(), parts.text_encoder, parts.tokenizer,
                                   text_hidden_layers=cfg.model.text_hidden_layers,
                                   max_sequence_length=cfg.model.max_sequence_length)
 

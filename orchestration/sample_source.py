@@ -164,7 +164,7 @@ def load_pipeline(
     from asymflow.export import load_adapter
     from asymflow.model import AsymFlux2Transformer2DModel
     from asymflow.pipeline import AsymFlux2KleinPipeline
-    from asymflow.scheduler import FlowAdapterScheduler
+    from asymflow.scheduler import released_pipeline_scheduler
     from orchestration.artifacts import build_model_from_checkpoint
 
     src = source if isinstance(source, Source) else resolve_source(source, step, base)
@@ -187,7 +187,7 @@ def load_pipeline(
             transformer = transformer.to(target)
         parts = load_base_components(src.base, ("text_encoder", "tokenizer"))
         pipe = AsymFlux2KleinPipeline(
-            transformer.eval(), FlowAdapterScheduler(), parts.text_encoder, parts.tokenizer,
+            transformer.eval(), released_pipeline_scheduler(), parts.text_encoder, parts.tokenizer,
             text_hidden_layers=src.base.text_hidden_layers, max_sequence_length=src.base.max_sequence_length,
         )
     return pipe.to(device)
