@@ -31,6 +31,7 @@ _PUBLIC = {
     "AsymFlux2KleinPipeline": "asymflow.pipeline",
     "sample_images": "asymflow.pipeline",
     "FlowAdapterScheduler": "asymflow.scheduler",
+    "released_pipeline_scheduler": "asymflow.scheduler",
     "AdaptiveConfig": "asymflow.adaptive",
     "SamplingReport": "asymflow.adaptive",
     "sample_adaptive": "asymflow.adaptive",
