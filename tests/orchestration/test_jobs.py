@@ -327,6 +327,11 @@ def test_live_run_is_not_duplicated_crash_resumes_stop_checkpoints_and_resumes(h
         logs = cli.logs("b")
         at = logs.find(f"(step {sorted(set(info['resumed_from']))[1]},")
         warnings.warn(f"attempt 4 resumed more than once {info['resumed_from']}:\n{logs[max(0, at - 4000):at + 300]}")
+    # One line per event, once, and the libraries' known noise filtered at the source.
+    logs = cli.logs("b")
+    step_lines = re.findall(r"\[asymflow\] step (\d+)/30 ", logs)
+    assert step_lines and len(step_lines) == len(set(step_lines)), step_lines
+    assert "FutureWarning" not in logs and "TrainingReport(" not in logs and "Setting accelerator to CPU" not in logs
     attempts = ["asymflow-b-1", "asymflow-b-2", "asymflow-b-3", "asymflow-b-4"]
     assert _jobs_of(address, cli.env, "b") == attempts
     assert not [j for j in _all_job_ids(address, cli.env) if "sigterm" in j]  # no helper jobs left by `stop`
