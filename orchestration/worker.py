@@ -109,7 +109,8 @@ class Trainer:
         self.goodput = Goodput()
         self.wandb_run = None
         self.wandb_id: str | None = None
-        self.sample_tasks: list[Any] = []
+        self.sample_tasks: list[tuple[int, Any]] = []  # (checkpoint step, Ray ref of its render task)
+        self.last_step = 0  # the last step logged to wandb (its steps only move forward)
 
     # ------------------------------------------------------------------ run
 
@@ -136,7 +137,7 @@ class Trainer:
             if wish == PREEMPT:
                 self.log_line(f"preempted: checkpoint at step {step} committed; exiting for a restart")
                 raise Preempted(f"preempted at step {step}")
-            if wish == STOP:
+            if wish == STOP and step < total:  # a stop at the last step is simply the end of the run
                 self.end_on_stop(step)
                 return
         self.loader.close()
@@ -479,6 +480,8 @@ class Trainer:
             return
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+            self.last_step = step
+            self.maybe_log_samples(step)
         done = step - self.step_start
         eta = (time.time() - self.t_start) / max(done, 1) * (total - step)
         record = {"step": step, "total_steps": total, "time": time.time(), "eta_s": eta,
@@ -596,13 +599,31 @@ class Trainer:
         # read now, pass by value: keep-last-k may delete this checkpoint before the task starts
         state, ema = ckpt.read_state(path), ckpt.load_tensors(f"{path}/{ckpt.EMA}")
         task = ray.remote(num_cpus=0, num_gpus=self.cfg.sample.num_gpus)(render_samples)
-        self.sample_tasks.append(task.remote(state, ema, out))
+        self.sample_tasks.append((step, task.remote(state, ema, out)))
+
+    def maybe_log_samples(self, step: int, wait: bool = False) -> None:
+        """Rank 0: the EMA sample grids whose render tasks finished go to wandb as images, logged at `step` (wandb
+        steps only move forward), captioned with the checkpoint step they show. `wait`: all of them (the end)."""
+        if not self.sample_tasks:
+            return
+        import ray
+
+        refs = [ref for _, ref in self.sample_tasks]
+        ready, _ = ray.wait(refs, num_returns=len(refs) if wait else 1, timeout=None if wait else 0)
+        done = [(s, ref) for s, ref in self.sample_tasks if ref in ready]
+        self.sample_tasks = [(s, ref) for s, ref in self.sample_tasks if ref not in ready]
+        for sample_step, ref in done:
+            paths = ray.get(ref)
+            if self.wandb_run is not None and paths:
+                import wandb
+
+                prompts = list(self.cfg.sample.prompts)
+                self.wandb_run.log({"samples/ema": [
+                    wandb.Image(p, caption=f"EMA, step {sample_step}: {prompts[i % len(prompts)]}")
+                    for i, p in enumerate(paths)]}, step=step)
 
     def finish(self) -> None:
-        if self.sample_tasks:
-            import ray
-
-            ray.get(self.sample_tasks)  # the run's last samples exist when `fit()` returns
+        self.maybe_log_samples(self.last_step, wait=True)  # the run's last samples exist when `fit()` returns
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

@@ -218,6 +218,19 @@ def test_deepspeed_zero_to_fp32_consolidates_a_checkpoint(plain, tmp_path):
         assert torch.equal(ours[name], theirs[name].float()), name
 
 
+def test_ema_samples_reach_wandb_as_images(plain):
+    """tiny.yaml renders EMA samples every 4 steps; the rendered PNGs are logged to the (offline) wandb run as images."""
+    from PIL import Image
+
+    rendered = sorted((plain / "samples").glob("step-*/*.png"))
+    assert rendered, "no samples rendered"
+    (run,) = (plain / "wandb" / "wandb").glob("offline-run-*")
+    logged = sorted(run.glob("files/media/images/samples/ema_*.png"))
+    assert len(logged) == len(rendered)
+    with Image.open(logged[0]) as im:
+        assert im.size == Image.open(rendered[0]).size
+
+
 def test_checkpoint_interrupted_while_writing_is_ignored(dataset, plain, halfway, tmp_path):
     """What a job killed mid-write leaves (a staging dir, a step dir without COMPLETE) is never loaded: rerunning the
     same command resumes from the previous complete checkpoint and ends where the uninterrupted run ends."""
