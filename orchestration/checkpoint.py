@@ -246,32 +246,62 @@ def commit_checkpoint(run_dir: str, step: int, keep: int, policy: RetryPolicy = 
     return final
 
 
+def restore_cache_dir(checkpoint: str, state: bytes) -> str:
+    """This machine's directory for copies of remote `checkpoint` whose state.json holds `state`.
+
+    Keyed by URL *and* the checkpoint's state.json: the same URL can name another checkpoint later (a run deleted
+    and restarted under the same name, another bucket behind the same endpoint URL), and a stale copy would restore
+    the wrong weights without any error."""
+    fingerprint = hashlib.sha256(state).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "asymflow-restore",
+                        checkpoint.replace("://", "_").replace("/", "_") + "-" + fingerprint)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A local copy of (part of) a remote checkpoint, and what this call downloaded for it."""
+
+    path: str
+    files: int
+    bytes: int
+
+
+def fetch_checkpoint(checkpoint: str, wanted: Callable[[str], bool] | None = None,
+                     policy: RetryPolicy = DEFAULT_RETRY) -> Fetched:
+    """Download the files of committed remote `checkpoint` that `wanted(relative name)` selects (all when None) into
+    `restore_cache_dir`, each file at most once per machine.
+
+    Every file is downloaded under a per-process name and renamed into place whole, so a file found there is a
+    complete copy of this checkpoint's file and is reused; several processes (or Ray nodes sharing one /tmp) may
+    fetch into the same directory at once."""
+    fs, path = _fs(checkpoint)
+    local = restore_cache_dir(checkpoint, read_bytes(_join(checkpoint, STATE)))
+    root = path.rstrip("/") + "/"
+    listing = with_retries(lambda: fs.find(root, detail=True), f"listing of {checkpoint}", policy)
+    sizes = {name[len(root):]: int(info.get("size") or 0) for name, info in listing.items()
+             if name.startswith(root) and info.get("type", "file") == "file" and not name.endswith("/")}
+    if COMPLETE not in sizes:
+        raise StorageError(f"{checkpoint} has no {COMPLETE} marker: not a committed checkpoint")
+    files = total = 0
+    for name, size in sorted(sizes.items()):
+        if wanted is not None and not wanted(name):
+            continue
+        target = os.path.join(local, *name.split("/"))
+        if os.path.isfile(target) and os.path.getsize(target) == size:
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        part = f"{target}.part-{os.getpid()}"
+        with_retries(lambda: fs.get_file(root + name, part), f"download of {checkpoint}/{name}", policy)
+        os.replace(part, target)
+        files, total = files + 1, total + size
+    return Fetched(local, files, total)
+
+
 def local_checkpoint_copy(checkpoint: str) -> str:
-    """A local path holding `checkpoint`'s files (itself when local; a downloaded copy otherwise)."""
+    """A local path holding all of `checkpoint`'s files (itself when local; this machine's cached copy otherwise)."""
     if is_local(checkpoint):
         return _fs(checkpoint)[1]
-    fs, path = _fs(checkpoint)
-    # Keyed by URL *and* the checkpoint's state.json: the same URL can name another checkpoint later (a run deleted
-    # and restarted under the same name, another bucket behind the same endpoint URL), and a stale copy would
-    # restore the wrong weights without any error.
-    fingerprint = hashlib.sha256(read_bytes(_join(checkpoint, STATE))).hexdigest()[:16]
-    local = os.path.join(tempfile.gettempdir(), "asymflow-restore",
-                         checkpoint.replace("://", "_").replace("/", "_") + "-" + fingerprint)
-    if not os.path.exists(os.path.join(local, COMPLETE)):
-        # Several ranks (and several Ray nodes sharing one /tmp) may download at once: each into its own folder,
-        # then one atomic rename wins; a folder without COMPLETE is a torn download of an older attempt.
-        if os.path.exists(local):
-            shutil.rmtree(local, ignore_errors=True)
-        part = f"{local}.part-{os.getpid()}"
-        shutil.rmtree(part, ignore_errors=True)
-        with_retries(lambda: fs.get(path + "/", part + "/", recursive=True), f"download of {checkpoint}")
-        if not os.path.exists(os.path.join(part, COMPLETE)):
-            raise StorageError(f"download of {checkpoint} has no {COMPLETE} marker")
-        try:
-            os.rename(part, local)
-        except OSError:  # another process on this machine renamed its copy first
-            shutil.rmtree(part, ignore_errors=True)
-    return local
+    return fetch_checkpoint(checkpoint).path
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from orchestration import checkpoint as ckpt
 from orchestration.config import ConfigError, RunConfig, save_resolved
 from orchestration.preflight import check_inputs, resolve_local_paths
 from orchestration.stop_request import DriverStopHandler, clear_stop_request
+from orchestration.storage_probe import fatal_error
 
 
 @dataclass
@@ -145,7 +146,8 @@ def launch(cfg: RunConfig, overwrite: bool = False, check: bool = True,
         )
         try:
             result = trainer.fit()
-            error, metrics = result.error, result.metrics
+            # A storage probe failure ends the workers normally (so Ray Train does not retry it): their return value.
+            error, metrics = result.error or fatal_error(result.return_value), result.metrics
         except Exception as exc:  # TrainingFailedError once max_failures is exhausted
             error, metrics = exc, None
         clear_stop_request(cfg.run_dir)  # a request that came after the last step has nothing left to stop

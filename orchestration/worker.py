@@ -1,6 +1,7 @@
 """The per-worker training loop run by Ray Train: build → restore → loop (step, maybe checkpoint, maybe log)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,11 +19,14 @@ from orchestration import checkpoint as ckpt
 from orchestration.config import RunConfig, local_file
 from orchestration.goodput import Goodput, executed_steps
 from orchestration.lr_schedule import lr_factor
+from orchestration.node import NodeInfo, this_node
+from orchestration.node_restore import NodeCopy, node_checkpoint_copy
 from orchestration.progress import write_progress
 from orchestration.quiet import quiet_library_output
 from orchestration.preemption import (CONTINUE, PREEMPT, STOP, Preempted, PreemptionFlag, agree_to_stop,
                                       maybe_ray_preemption_notice)
 from orchestration.stop_request import StopPoller, clear_stop_request, read_stop_request
+from orchestration.storage_probe import FATAL
 
 KEYS_LOG = "keys.jsonl"  # per-step consumed sample keys (rank 0, global batch order): resume tests compare these
 KEYS_DIR = "keys"  # object storage cannot append: one `keys/step-N.json` object per step instead of KEYS_LOG
@@ -32,9 +36,10 @@ METRICS_LOG = "metrics.jsonl"  # one line per logged step (rank 0): loss curve, 
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def train_loop_per_worker(payload: dict[str, Any]) -> None:
+def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, str] | None:
     """Ray Train entry point. `payload = {"config": resolved config dict}`; the environment is set here, the
-    only place a worker process reads or writes it."""
+    only place a worker process reads or writes it. Returns a fatal error for the driver (`storage_probe.FATAL`),
+    or None."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray.train
@@ -45,7 +50,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     context = ray.train.get_context()
     trainer = Trainer(cfg, rank=context.get_world_rank(), world_size=context.get_world_size(),
                       local_rank=context.get_local_rank())
-    trainer.run()
+    return trainer.run()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -114,9 +119,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
 
-    def run(self) -> None:
+    def run(self) -> dict[str, str] | None:
         self.flag.install()
         self.apply_distributed()
+        problem = self.probe_storage()
+        if problem is not None:
+            # Returned, not raised: Ray Train restarts a raising group up to max_failures times, and no restart can
+            # make node-local storage shared. The driver turns it into `StorageProbeError`.
+            return {FATAL: problem}
         restore = self.find_restore()
         self.build_models()
         self.build_engine(load_universal=restore is not None and restore.state["world_size"] != self.world_size)
@@ -183,6 +193,20 @@ class Trainer:
         else:
             torch.cuda.set_device(self.device)
         deepspeed.init_distributed(dist_backend="nccl" if self.cfg.train.use_gpu else "gloo")
+
+    @functools.cached_property
+    def node(self) -> NodeInfo:
+        """This rank's machine as Ray names it."""
+        return this_node()
+
+    def probe_storage(self) -> str | None:
+        """Every rank sees rank 0's run directory and dataset (`orchestration.storage_probe`); the error or None."""
+        from orchestration.storage_probe import probe_storage
+
+        problem = probe_storage(self.run_dir, self.cfg.data.path, self.rank, self.node.label, self.gather)
+        if problem is not None:
+            self.log_line(problem)
+        return problem
 
     def find_restore(self) -> ckpt.Restored | None:
         """Rank 0 cleans partial checkpoints; then every rank reads the same latest complete one."""
@@ -263,12 +287,13 @@ class Trainer:
             self.log_line(f"starting from the pretrained init (no checkpoint in {self.run_dir})")
             return 0, None
         saved_world = restore.state["world_size"]
-        local_dir = ckpt.local_checkpoint_copy(restore.path)
+        copy = self.local_copy(restore.path, every_rank=saved_world != self.world_size)
+        local_dir = copy.path
         if saved_world == self.world_size:
             self.engine.load_checkpoint(local_dir, tag=ckpt.ENGINE_TAG, load_module_strict=False,
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
-            tag = self.maybe_convert_universal(local_dir)
+            tag = self.maybe_convert_universal(local_dir, converter=copy.converts)
             self.engine.load_checkpoint(local_dir, tag=tag, load_module_strict=False,
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
         ema_full = ckpt.load_tensors(f"{local_dir}/{ckpt.EMA}")
@@ -297,13 +322,22 @@ class Trainer:
         with open(path) as f:
             return max(executed_steps(f) - step, 0)
 
-    def maybe_convert_universal(self, local_dir: str) -> str:
-        """A ZeRO checkpoint refuses another world size: convert it once to DeepSpeed's universal format (rank 0,
-        a subprocess of DeepSpeed's own converter), then every rank loads that. With remote storage every node has
-        its own downloaded copy, so each node's local rank 0 converts it."""
+    def local_copy(self, checkpoint: str, every_rank: bool) -> NodeCopy:
+        """A local directory holding what this rank reads of `checkpoint`: object storage is fetched once per node
+        (`orchestration.node_restore`); `every_rank` for the universal conversion, which reads all ranks' files."""
+        copy = node_checkpoint_copy(checkpoint, self.rank, self.node.node_id, self.node.label, every_rank,
+                                    self.gather)
+        for node, files, size in copy.downloads:
+            self.log_line(f"restore copy on node {node}: downloaded {files} file(s), {size / 2**20:.1f} MiB")
+        return copy
+
+    def maybe_convert_universal(self, local_dir: str, converter: bool) -> str:
+        """A ZeRO checkpoint refuses another world size: convert it once to DeepSpeed's universal format (one
+        `converter` rank per copy, a subprocess of DeepSpeed's own converter), then every rank loads that. Shared
+        local storage has one copy (rank 0 converts); with remote storage each node has its own downloaded copy,
+        which the node's first rank converts."""
         tag = ckpt.UNIVERSAL
         target = os.path.join(local_dir, tag)
-        converter = self.rank == 0 if ckpt.is_local(self.run_dir) else self.local_rank == 0
         if converter and not os.path.exists(os.path.join(target, "COMPLETE")):
             staging = target + ".staging"
             subprocess.run(
@@ -630,6 +664,14 @@ class Trainer:
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` in rank order (all_gather_object; a collective)."""
+        if not dist.is_initialized():
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
 
 
 def _brief(event: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -252,7 +253,10 @@ class RayCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str], wait: float = 180.0) -> RayNode:
+    def _start(self, name: str, args: list[str], wait: float = 180.0, env: dict[str, str] | None = None,
+               wrapper: list[str] | None = None) -> RayNode:
+        """`env`: this node's own variables on top of the cluster's; `wrapper`: a command that ends by exec-ing its
+        arguments (so the node's process tree still starts at the Popen'd PID, see `private_tmpfs`)."""
         log = self.root / f"{name}.log"
         ports = free_ports(8)
         # Worker nodes go through `python -m tests.orchestration.multinode_helpers start ...` (see `_ray_start_cli`).
@@ -263,8 +267,8 @@ class RayCluster:
                "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
                "--metrics-export-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5]),
                "--min-worker-port", "0", "--max-worker-port", "0", *args]
-        proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen([*(wrapper or []), *cmd], env={**self.env, **(env or {})}, stdout=open(log, "wb"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
         node = RayNode(name, proc, log)
         deadline = time.time() + wait
         # Ready = `ray start --block` got past registering the node with the GCS (it prints READY_LINE then). A
@@ -302,12 +306,13 @@ class RayCluster:
         self.head = self._start("head", args)
         return self.head
 
-    def add_worker(self, num_cpus: int = 1, resources: dict[str, float] | None = None) -> RayNode:
+    def add_worker(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
+                   env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> RayNode:
         self._count += 1
         args = ["--address", self.address, "--num-cpus", str(num_cpus)]
         if resources:
             args += ["--resources", json.dumps(resources)]
-        node = self._start(f"worker{self._count}", args)
+        node = self._start(f"worker{self._count}", args, env=env, wrapper=wrapper)
         self.workers.append(node)
         return node
 
@@ -325,12 +330,84 @@ class RayCluster:
         return [pid for node in [self.head, *self.workers] if node for pid in node.pids()]
 
     def stop(self) -> None:
-        for node in [*self.workers, self.head]:
-            if node is not None:
-                node.kill(signal.SIGTERM)
-                node.kill(signal.SIGKILL)
+        """SIGTERM then SIGKILL every node's process tree, all nodes at once (each may take its 10 s grace)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def end(node: RayNode) -> None:
+            node.kill(signal.SIGTERM)
+            node.kill(signal.SIGKILL)
+
+        nodes = [node for node in [*self.workers, self.head] if node is not None]
+        with ThreadPoolExecutor(max(len(nodes), 1)) as pool:
+            list(pool.map(end, nodes))
         self.workers, self.head = [], None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def private_tmpfs(directory: Path) -> list[str]:
+    """A `wrapper` for `RayCluster.add_worker`: the node runs in its own mount namespace with an empty tmpfs over
+    `directory`, i.e. node-local storage where the other nodes see the real directory (needs root). `unshare`
+    without --fork and `exec` keep the Popen'd PID as the node's root process, so `kill_tree` still ends it."""
+    script = f'mount -t tmpfs -o size=256m tmpfs {shlex.quote(str(directory))} && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+
+
+class ByteCountingRelay:
+    """A TCP relay on 127.0.0.1 to `target_port` that counts the bytes the server sends back: pointed at by one
+    Ray node's S3 endpoint, it measures what that node downloads (response headers included)."""
+
+    def __init__(self, target_port: int):
+        import socketserver
+        import threading
+
+        relay = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                upstream = socket.create_connection(("127.0.0.1", target_port))
+                pump = threading.Thread(target=relay._pump, args=(self.request, upstream, False), daemon=True)
+                pump.start()
+                relay._pump(upstream, self.request, True)
+                pump.join()
+                upstream.close()
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.received = 0
+        self._lock = threading.Lock()
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if count:
+                    with self._lock:
+                        self.received += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def reset(self) -> None:
+        with self._lock:
+            self.received = 0
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 # ----------------------------------------------------------------------------------------------- loopback worker node
