@@ -339,17 +339,23 @@ class Trainer:
         tag = ckpt.UNIVERSAL
         target = os.path.join(local_dir, tag)
         if converter and not os.path.exists(os.path.join(target, "COMPLETE")):
-            staging = target + ".staging"
+            # Per-process staging, marked complete before the rename: the converters of several Ray nodes sharing
+            # one /tmp (raylets on one host) may run at once; the first rename wins, no finished copy is deleted.
+            staging = f"{target}.staging-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
             subprocess.run(
                 [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                  os.path.join(local_dir, ckpt.ENGINE_TAG), "--output_folder", staging, "--num_extract_workers", "1",
                  "--num_merge_workers", "1", "--no_strict"],
                 check=True,
             )
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.rename(staging, target)
-            open(os.path.join(target, "COMPLETE"), "w").close()
+            open(os.path.join(staging, "COMPLETE"), "w").close()
+            if os.path.exists(target) and not os.path.exists(os.path.join(target, "COMPLETE")):
+                shutil.rmtree(target, ignore_errors=True)  # an interrupted conversion of an earlier version
+            try:
+                os.rename(staging, target)
+            except OSError:  # another converter's complete copy is already in place
+                shutil.rmtree(staging, ignore_errors=True)
         self.barrier()
         return tag
 

@@ -93,6 +93,7 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_from_object_storage_downloads_one_checkpoint_per_node(dataset, nodes):
     """1 worker checkpoints step 1 to S3; the resume with 4 workers (two per node) fetches what DeepSpeed's
     universal conversion needs once per node: each node's bytes are at least those files and well under the two
