@@ -105,6 +105,9 @@ def check_inputs(cfg: RunConfig) -> None:
     from data_prep.reader import DatasetIndex
     from orchestration.data_plan import bucket_counts, steps_per_epoch
 
+    # The model first: a cache or subspace "built by another model" is the wrong message when the model is missing.
+    check_model(cfg)
+    check_perceptual(cfg)
     try:
         index = DatasetIndex.open(cfg.data.path)
     except (FormatError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
@@ -135,5 +138,3 @@ def check_inputs(cfg: RunConfig) -> None:
     if steps_per_epoch(index.table, g, cfg.data.drop_remainder) == 0:
         raise ConfigError(f"data.path: no bucket holds a full global batch of {g} samples (buckets: "
                           f"{bucket_counts(index.table)}); lower train.global_batch or set data.drop_remainder=false")
-    check_model(cfg)
-    check_perceptual(cfg)
