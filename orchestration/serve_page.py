@@ -178,6 +178,11 @@ def build_page(backend: ServeBackend, out_dir: Path, *, compare_latent: bool, ma
                 sessions.step[session] = f"step {done}/{total}" if total else f"model evaluation {done}"
                 yield {status: f"Generating {req.width}×{req.height}, seed {req.seed}: {sessions.step[session]}"}
             thread.join()
+            if isinstance(box.get("error"), GenerationCancelled):
+                # Said here, by the generation itself, after its last step update: a status written by the Cancel
+                # button's own event could arrive before that update and be overwritten by it.
+                yield {status: f"Cancelled at {sessions.step[session]}."}
+                return
             if "error" in box:
                 yield {status: _error_message(box["error"], req)}
                 return
@@ -204,21 +209,24 @@ def build_page(backend: ServeBackend, out_dir: Path, *, compare_latent: bool, ma
                    download: gr.update(value=str(path), interactive=True), history: past, history_state: past,
                    seed: req.seed}
 
-        def stop(request: gr.Request) -> str:
+        def stop(request: gr.Request) -> Any:
+            """Sets the running generation's cancel flag; that generation reports where it stopped (see `run`)."""
             step = sessions.request_cancel(session_dir(request.session_hash))
-            return f"Cancelled at {step}." if step else "Cancelled (nothing was running)."
+            return gr.update() if step else "Cancelled (nothing was running)."
 
         size.change(on_size, size, custom_row)
         reference.upload(on_reference, reference, [status, ref_preview])
         reference.clear(on_reference, reference, [status, ref_preview])
         # One generation at a time over the whole server (concurrency_limit=1): a second click, from this tab or
         # another, waits in Gradio's queue instead of racing the first for memory.
-        job = generate.click(run, [prompt, negative, reference, size, width, height, steps, guidance, random_seed,
+        generate.click(run, [prompt, negative, reference, size, width, height, steps, guidance, random_seed,
                                    seed, sampler, history_state],
                              [status, result, comparison, download, history, history_state, seed],
                              concurrency_limit=1, concurrency_id="generate", show_progress="minimal",
                              show_progress_on=[result])
-        cancel.click(stop, None, status, cancels=[job], queue=False)
+        # No `cancels=[job]`: Gradio would stop the generator before it reports the cancellation; the flag set by
+        # `stop` ends the sampler at its next step and the generator then says so.
+        cancel.click(stop, None, status, queue=False)
     return page
 
 
@@ -230,8 +238,6 @@ def _error_message(error: BaseException, req: GenerationRequest) -> str:
     """The page's text for a generation that failed after validation."""
     import torch
 
-    if isinstance(error, GenerationCancelled):
-        return "Cancelled."
     if isinstance(error, torch.OutOfMemoryError):
         torch.cuda.empty_cache()
         return (f"**Error:** out of device memory at {req.width}×{req.height}; choose a smaller size "
