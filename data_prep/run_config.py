@@ -10,19 +10,30 @@ from pydantic import ValidationError
 from asymflow.components import BaseModelConfig
 
 
-def read_run_config(path: str) -> dict[str, Any]:
-    """The YAML mapping at `path` (local or fsspec URL); other sections are validated by orchestration."""
+def read_yaml_file(path: str) -> Any:
+    """The parsed YAML at `path` (local or fsspec URL; None for an empty file). Every way reading it can fail is one
+    message naming the file: FileNotFoundError for a missing file, ValueError otherwise (the run-config loaders of
+    data prep and orchestration share this)."""
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such config file") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text (UTF-8) file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ValueError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+
+
+def read_run_config(path: str) -> dict[str, Any]:
+    """The YAML mapping at `path` (local or fsspec URL); other sections are validated by orchestration."""
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
         raise ValueError(f"run config {path} must be a YAML mapping, got {type(raw).__name__}")
     return raw

@@ -395,21 +395,13 @@ def _format_errors(exc: ValidationError, source: str, overrides: list[str] = (),
 
 
 def read_yaml(path: str) -> dict[str, Any]:
+    """The run config's YAML mapping (an empty file is an empty mapping); unreadable files raise ConfigError."""
+    from data_prep.run_config import read_yaml_file
+
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except PermissionError:
-        raise ConfigError(f"{path}: permission denied") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        raw = read_yaml_file(path) or {}
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(raw).__name__}")
     return raw
