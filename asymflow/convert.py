@@ -74,6 +74,65 @@ def buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+Surgery = Mapping[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]
+
+
+def transfer_tensors(
+    expected: Mapping[str, torch.Tensor],
+    latent_sd: Mapping[str, torch.Tensor],
+    surgery: Surgery,
+    basis64: torch.Tensor,
+    share: bool,
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """The pixel state dict (B and s buffers aside) from the latent one, with the report: tensors named in `surgery`
+    are re-projected in fp64 (`product(W, B)`, cast back to W's dtype), all others copied (aliased when `share`).
+
+    `expected` is the pixel model's state dict (meta tensors do): every tensor is shape-checked against it by name;
+    a pixel tensor without a latent counterpart, or a surgery tensor without a pixel slot, is an error.
+    """
+    report = ConversionReport()
+    pixel_sd: dict[str, torch.Tensor] = {}
+    for name, target in expected.items():
+        if name in FP32_BUFFERS:
+            continue
+        if name not in latent_sd:
+            raise ValueError(f"tensor {name} of the pixel model has no counterpart in the latent model")
+        tensor = latent_sd[name]
+        if name in surgery:
+            rule, product = surgery[name]
+            new = product(tensor.to(torch.float64), basis64.to(tensor.device)).to(tensor.dtype)
+            report.reprojected[name] = f"{rule}: {tuple(tensor.shape)} -> {tuple(new.shape)}"
+        else:
+            new = tensor if share else tensor.clone()
+            report.copied.append(name)
+        if new.shape != target.shape:
+            raise ValueError(
+                f"tensor {name}: latent shape {tuple(tensor.shape)} gives {tuple(new.shape)}, "
+                f"pixel model expects {tuple(target.shape)}"
+            )
+        pixel_sd[name] = new
+
+    unused = [name for name in latent_sd if name not in expected]
+    if orphans := [name for name in unused if name in surgery]:
+        raise ValueError(f"latent tensors {orphans} must be re-projected but the pixel model has no slot for them")
+    report.dropped = unused
+    return pixel_sd, report
+
+
+def add_subspace_buffers(
+    pixel_sd: dict[str, torch.Tensor],
+    report: ConversionReport,
+    basis64: torch.Tensor,
+    scale64: torch.Tensor,
+    dtype: torch.dtype,
+) -> None:
+    """proj_buffer ← B, scale_buffer ← s in `dtype` (see `buffer_dtype`), recorded as created in the report."""
+    pixel_sd["proj_buffer"] = basis64.to(dtype)
+    pixel_sd["scale_buffer"] = scale64.to(dtype)
+    report.created["proj_buffer"] = f"basis B {tuple(basis64.shape)} {dtype}"
+    report.created["scale_buffer"] = f"scale s = {float(scale64):.6g} {dtype}"
+
+
 def convert_transformer_with_report(
     latent_model: LatentModel,
     basis: torch.Tensor,
@@ -101,39 +160,8 @@ def convert_transformer_with_report(
 
     with torch.device("meta"):
         expected = AsymFlux2Transformer2DModel.from_config(config).state_dict()
-    latent_sd = latent.state_dict()
-    report = ConversionReport()
-    pixel_sd: dict[str, torch.Tensor] = {}
-    for name, target in expected.items():
-        if name in FP32_BUFFERS:
-            continue
-        if name not in latent_sd:
-            raise ValueError(f"tensor {name} of the pixel model has no counterpart in the latent model")
-        tensor = latent_sd[name]
-        if name in SURGERY:
-            rule, product = SURGERY[name]
-            new = product(tensor.to(torch.float64), basis64.to(tensor.device)).to(tensor.dtype)
-            report.reprojected[name] = f"{rule}: {tuple(tensor.shape)} -> {tuple(new.shape)}"
-        else:
-            new = tensor if share_weights or owned else tensor.clone()
-            report.copied.append(name)
-        if new.shape != target.shape:
-            raise ValueError(
-                f"tensor {name}: latent shape {tuple(tensor.shape)} gives {tuple(new.shape)}, "
-                f"pixel model expects {tuple(target.shape)}"
-            )
-        pixel_sd[name] = new
-
-    unused = [name for name in latent_sd if name not in expected]
-    if orphans := [name for name in unused if name in SURGERY]:
-        raise ValueError(f"latent tensors {orphans} must be re-projected but the pixel model has no slot for them")
-    report.dropped = unused
-
-    dtype = buffer_dtype(latent.dtype)
-    pixel_sd["proj_buffer"] = basis64.to(dtype)
-    pixel_sd["scale_buffer"] = scale64.to(dtype)
-    report.created["proj_buffer"] = f"basis B {tuple(basis.shape)} {dtype}"
-    report.created["scale_buffer"] = f"scale s = {float(scale64):.6g} {dtype}"
+    pixel_sd, report = transfer_tensors(expected, latent.state_dict(), SURGERY, basis64, share_weights or owned)
+    add_subspace_buffers(pixel_sd, report, basis64, scale64, buffer_dtype(latent.dtype))
 
     model = assemble_pixel_model(config, pixel_sd)
     model.train(latent.training)
