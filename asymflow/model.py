@@ -29,6 +29,7 @@ from asymflow.patching import (
     text_position_ids,
     unpatchify,
 )
+from asymflow.teacher import modules_swapped
 
 Prediction = Literal["velocity", "x0"]
 
@@ -173,6 +174,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         prediction: Prediction = "velocity",
         return_dict: bool = False,
         condition_images: Sequence[torch.Tensor] | None = None,
+        text_projected: bool = False,
     ) -> torch.Tensor | Flux2Transformer2DModelOutput:
         """Velocity û = ε̂ − x̂_0 (or x̂_0 with prediction="x0") of a noisy image.
 
@@ -186,12 +188,19 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         condition_images: reference images (spec §5.4), each [B or 1,C,H_i,W_i] in the model's pixel space (normalised
         Oklab), clean: their tokens are x_ref/s (not k·x: at σ = 0, k = 1/s), appended after the noisy tokens with
         RoPE time coordinate 10·(i+1) (FLUX.2's `_prepare_image_ids`), and their outputs are discarded.
+        text_projected: encoder_hidden_states is already `context_embedder`'s output [B,L,inner_dim] (a projected text
+        cache, exact while context_embedder is frozen); the backbone then skips that layer.
         """
         if prediction not in ("velocity", "x0"):
             raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
         if x_t.ndim != 4 or x_t.shape[1] != self.config.in_channels:
             raise ValueError(f"x_t must be [B,{self.config.in_channels},H,W], got {tuple(x_t.shape)}")
         check_finite(x_t=x_t, sigma=sigma)
+        width_expected = self.inner_dim if text_projected else self.config.joint_attention_dim
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != width_expected:
+            form = "projected (inner_dim)" if text_projected else "raw (joint_attention_dim)"
+            raise ValueError(f"encoder_hidden_states must be [B,L,{width_expected}] for {form} text, "
+                             f"got {tuple(encoder_hidden_states.shape)}")
         p = self.config.patch_size
         batch, _, height, width = x_t.shape
         basis, scale = self.proj_buffer, self.scale_buffer
@@ -220,6 +229,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
             txt_ids,
             guidance=guidance,
             joint_attention_kwargs=joint_attention_kwargs,
+            text_projected=text_projected,
         )[:, : tokens.shape[1]]  # the condition tokens' outputs are discarded
 
         # validate=False: a non-finite network output must reach the trainer's skip logic, not raise here.
@@ -258,22 +268,28 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         txt_ids: torch.Tensor,
         guidance: torch.Tensor | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
+        text_projected: bool = False,
     ) -> torch.Tensor:
         """û_a = F(y, σ̃) [B,N,D]: the FLUX.2 blocks on calibrated pixel tokens y = k·x_t, in the model dtype.
 
         The only part of the forward that runs under the caller's autocast context (spec §3.4a).
+        text_projected: the parent's forward applies `self.context_embedder` first; for context that is already its
+        output, that layer is swapped for an identity for the call (a module swap, not a weight read: sound under
+        ZeRO-3, and the swapped-out layer's parameters are simply not gathered).
         """
         model_dtype = self.dtype
-        return super().forward(
-            hidden_states=hidden_states.to(model_dtype),
-            encoder_hidden_states=encoder_hidden_states.to(model_dtype),
-            timestep=sigma_cal,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            joint_attention_kwargs=joint_attention_kwargs,
-            return_dict=False,
-        )[0]
+        skip = {"context_embedder": nn.Identity()} if text_projected else {}
+        with modules_swapped(self, skip):
+            return super().forward(
+                hidden_states=hidden_states.to(model_dtype),
+                encoder_hidden_states=encoder_hidden_states.to(model_dtype),
+                timestep=sigma_cal,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=guidance,
+                joint_attention_kwargs=joint_attention_kwargs,
+                return_dict=False,
+            )[0]
 
     def predict_x0(
         self, x_t: torch.Tensor, sigma: torch.Tensor | float, encoder_hidden_states: torch.Tensor, **kwargs: Any

@@ -168,6 +168,7 @@ def asymflow_vr_step(
     generator: torch.Generator,
     cfg: AsymFlowVRConfig,
     perceptual: ImageDistance | None = None,
+    text_projected: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One AsymFlowVR loss evaluation (spec §8); returns (loss with graph, detached fp32 scalar metrics).
 
@@ -176,6 +177,8 @@ def asymflow_vr_step(
       latents         [B,r,H/p,W/p] normalised latent token grid (`asymflow.latents.encode_latents` layout)
       text_embeds     [B,L,D_txt]  prompt embeddings (student and teacher see the same rows)
       negative_embeds [B|1,L,D_txt] empty-prompt embedding; required only when cfg.caption_dropout > 0
+    text_projected: text_embeds/negative_embeds are the frozen context_embedder's outputs (a projected text cache),
+    passed on to both models, which then skip that layer; the step is otherwise identical.
     Models are called as model(x_t=, sigma=, encoder_hidden_states=) -> velocity [B,3,H,W]; B and s are
     read from the teacher's buffers. `generator` must be a CPU generator: σ, ε, the caption-dropout mask and
     a seed for the models' own randomness (LoRA dropout) are drawn from it on CPU, in that order, so the step
@@ -192,6 +195,7 @@ def asymflow_vr_step(
     drop = torch.rand(bsz, generator=generator) < cfg.caption_dropout
     model_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     text = _text_with_dropout(batch, drop)
+    text_kw = {"text_projected": True} if text_projected else {}  # models without the switch still take raw text
 
     sig = sigma.view(bsz, 1, 1, 1)
     sigma_c = sig.clamp_min(cfg.sigma_min_loss)
@@ -209,9 +213,9 @@ def asymflow_vr_step(
             with torch.no_grad():
                 x_0_low = low_rank_twin(batch["latents"].to(device), basis.to(device), scale.to(device), p)
                 x_t_low = (1.0 - sig) * x_0_low + sig * eps
-                u_low = teacher(x_t=x_t_low, sigma=sigma, encoder_hidden_states=text).float()
+                u_low = teacher(x_t=x_t_low, sigma=sigma, encoder_hidden_states=text, **text_kw).float()
                 d_low = x_0_low - (x_t_low - sig * u_low)
-        u = student(x_t=x_t, sigma=sigma, encoder_hidden_states=text).float()
+        u = student(x_t=x_t, sigma=sigma, encoder_hidden_states=text, **text_kw).float()
     x_0_hat = x_t - sig * u
 
     rho = loss_shift_ratio(sig, cfg.loss_shift)  # [B,1,1,1]

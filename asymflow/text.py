@@ -46,3 +46,15 @@ def encode_prompts(
     b, n, length, hidden = stacked.shape
     embeds = stacked.permute(0, 2, 1, 3).reshape(b, length, n * hidden)  # einops 'b n l h -> b l (n h)'
     return embeds.to(dtype) if dtype is not None else embeds
+
+
+@torch.no_grad()
+def project_text(context_embedder: torch.nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    """[B, L, joint_attention_dim] -> [B, L, inner]: the transformer's first op on its text, done ahead of time.
+
+    Exactly what `AsymFlux2Transformer2DModel._backbone` computes (a cast to the layer's dtype, then a call of the
+    module), so a model given this output with `text_projected=True` sees the very tensor it would have computed.
+    Valid only while the layer is frozen (LoRA training: it is neither a LoRA target nor fully trained).
+    """
+    dtype = next(context_embedder.parameters()).dtype
+    return context_embedder(embeds.to(dtype))

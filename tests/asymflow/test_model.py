@@ -172,3 +172,27 @@ def test_gradient_checkpointing_matches(pixel) -> None:
     assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) == len(list(model.parameters()))
     for name, grad in grads_plain.items():
         assert torch.allclose(grad, grads_ckpt[name], rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projected_text_gives_the_raw_forward_bitwise(pixel, dtype) -> None:
+    """Context that is already context_embedder's output (a projected text cache) skips that layer and nothing else:
+    the same op on the same input, so the same bits, in fp32 and in bf16, for both predictions."""
+    model = convert_transformer(build_tiny_transformer(), pixel.proj_buffer, pixel.scale_buffer).to(dtype).eval()
+    x_t, sigma, text = inputs()
+    text = text.to(dtype)
+    with torch.no_grad():
+        projected = model.context_embedder(text.to(model.dtype))  # what the parent's forward computes first
+        assert projected.shape == (2, L, model.inner_dim) and projected.dtype == dtype
+        raw_out = {}
+        for prediction in ("velocity", "x0"):
+            raw_out[prediction] = model(x_t, sigma, text, prediction=prediction)
+            got = model(x_t, sigma, projected, prediction=prediction, text_projected=True)
+            assert torch.equal(got, raw_out[prediction])
+        # The layer is only skipped for the call: the model still takes raw text afterwards, with the same result.
+        assert isinstance(model.context_embedder, torch.nn.Linear)
+        assert torch.equal(model(x_t, sigma, text), raw_out["velocity"])
+        with pytest.raises(ValueError, match=rf"\[B,L,{model.inner_dim}\] for projected"):
+            model(x_t, sigma, text, text_projected=True)
+        with pytest.raises(ValueError, match=r"\[B,L,96\] for raw"):
+            model(x_t, sigma, projected)

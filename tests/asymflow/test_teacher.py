@@ -108,3 +108,43 @@ def test_tying_after_lora_is_refused():
     student, _, _ = _student_and_teachers()
     with pytest.raises(ValueError, match="before LoRA"):
         TiedTeacher(student)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_a_projected_text_batch_gives_the_raw_step_bitwise(base_dtype):
+    """A batch from a projected text cache (the base's context_embedder applied per sample ahead of time, as `prep
+    cache --text-form projected` does) gives the raw batch's loss, metrics and gradients bit for bit: LoRA student,
+    tied teacher, caption dropout drawing the negative prompt; fp32, and the recipe's bf16 base under bf16 autocast."""
+    from asymflow.text import project_text
+
+    student = convert_transformer(build_tiny_transformer(seed=0).to(base_dtype),
+                                  random_basis(768, 128, seed=0, dtype=torch.float32), 1.3)
+    tied = TiedTeacher(student)
+    apply_trainable(student, "lora", LoRASettings(rank=8, alpha=8))
+    student.train()
+    _perturb_trainables(student)
+    raw = tiny_batch()
+    if base_dtype == torch.bfloat16:  # the loader ships text in bf16
+        raw = {**raw, "text_embeds": raw["text_embeds"].bfloat16(), "negative_embeds": raw["negative_embeds"].bfloat16()}
+    layer = build_tiny_transformer(seed=0).to(base_dtype).context_embedder  # the base model's, not the student's
+    projected = {**raw}
+    for key in ("text_embeds", "negative_embeds"):
+        projected[key] = torch.cat([project_text(layer, row[None]) for row in raw[key]])
+        assert projected[key].shape[-1] == student.inner_dim != raw[key].shape[-1]
+    cfg = AsymFlowVRConfig(caption_dropout=0.5)
+    results = []
+    for batch, text_projected in ((raw, False), (projected, True)):
+        student.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=base_dtype == torch.bfloat16):
+            loss, metrics = asymflow_vr_step(student, tied, batch, torch.Generator().manual_seed(4), cfg,
+                                             TinyConvDistance(), text_projected=text_projected)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), metrics, grads))
+    (loss_r, metrics_r, grads_r), (loss_p, metrics_p, grads_p) = results
+    assert metrics_r["caption_dropped_frac"] == 0.5  # one row conditioned on its caption, one on the negative prompt
+    assert metrics_r["vr_lambda_mean"] > 0 and torch.isfinite(loss_r)
+    assert torch.equal(loss_r, loss_p)
+    assert metrics_r.keys() == metrics_p.keys() and all(torch.equal(metrics_r[k], metrics_p[k]) for k in metrics_r)
+    assert grads_r.keys() == grads_p.keys() and all(torch.equal(grads_r[k], grads_p[k]) for k in grads_r)
+    assert all(bool(g.abs().sum() > 0) for g in grads_r.values())
