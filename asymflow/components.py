@@ -114,3 +114,62 @@ def load_base_components(cfg: BaseModelConfig, parts: tuple[Part, ...] = ALL_PAR
             obj = obj.eval().requires_grad_(False)
         setattr(out, part, obj)
     return out
+
+
+CONTEXT_EMBEDDER = "context_embedder"
+
+
+def _local_transformer_dir(cfg: BaseModelConfig) -> Path | None:
+    """The base transformer's local diffusers folder, or None (tiny models; hub ids)."""
+    if cfg.kind == "bundled":
+        return Path(cfg.path or BUNDLED_PATH) / "transformer"
+    if cfg.kind == "diffusers" and Path(cfg.path).expanduser().is_dir():
+        return Path(cfg.path).expanduser() / "transformer"
+    return None
+
+
+def load_context_embedder(cfg: BaseModelConfig) -> torch.nn.Linear:
+    """The base transformer's `context_embedder` alone, frozen, with the weight `load_base_components` would give it.
+
+    From a local directory only its tensor is read (klein 9B: 100 MB of 18 GB); tiny models and hub ids build or
+    load the whole transformer and keep this layer.
+    """
+    root = _local_transformer_dir(cfg)
+    if root is None:
+        return getattr(load_base_components(cfg, ("transformer",)).transformer, CONTEXT_EMBEDDER)
+    import json
+
+    from safetensors import safe_open
+
+    config = json.loads((root / "config.json").read_text())
+    name = f"{CONTEXT_EMBEDDER}.weight"
+    for file in sorted(root.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            if name in f.keys():
+                weight = f.get_tensor(name)
+                has_bias = f"{CONTEXT_EMBEDDER}.bias" in f.keys()
+                break
+    else:
+        raise FileNotFoundError(f"no {name} in the safetensors files of {root}")
+    if has_bias:
+        raise ValueError(f"{root}: {CONTEXT_EMBEDDER} has a bias; FLUX.2's has none")
+    inner, joint = config["num_attention_heads"] * config["attention_head_dim"], config["joint_attention_dim"]
+    if tuple(weight.shape) != (inner, joint):
+        raise ValueError(f"{root}: {name} is {tuple(weight.shape)}, the config says ({inner}, {joint})")
+    layer = torch.nn.Linear(joint, inner, bias=False, device="meta")
+    # The stored tensor cast once to the load dtype, as diffusers' torch_dtype (and the bundled fp32 load + cast) do.
+    layer.weight = torch.nn.Parameter(weight.to(DTYPES[cfg.dtype]), requires_grad=False)
+    return layer.eval()
+
+
+def context_embedder_fingerprint(layer: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of the layer's parameters: names, dtypes, shapes and bytes. A projected text cache
+    records it, so it is only ever used with the very layer (weights and dtype) that computed it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(layer.state_dict().items()):
+        t = p.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

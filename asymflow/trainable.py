@@ -91,6 +91,21 @@ def apply_trainable(
     return model
 
 
+def why_trained(
+    module: str, mode: Literal["lora", "full"], lora: LoRASettings | None, full_modules: Sequence[str]
+) -> str | None:
+    """Which setting makes `apply_trainable` train (or adapt) the module at dotted path `module`; None if it stays
+    frozen. PEFT full-matches a string target against module names, as here."""
+    if mode == "full":
+        return "trainable.mode is 'full'"
+    covering = [m for m in full_modules if _under(f"{module}.weight", m)]
+    if covering:
+        return f"trainable.full_modules includes {covering[0]!r}"
+    if re.fullmatch((lora or LoRASettings()).target_regex(), module):
+        return "a trainable.lora.targets pattern matches it"
+    return None
+
+
 def param_groups(
     model: torch.nn.Module,
     lr: float,

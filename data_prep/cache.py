@@ -2,7 +2,7 @@
 
 Layout (next to the image shards; DATA may be a local path or an fsspec URL)::
 
-    DATA/cache/index.json            {"version", "format", model identity, "dtype", "manifest_hash",
+    DATA/cache/index.json            {"version", "format", model identity, "dtype", "text_form", "manifest_hash",
                                       "num_samples", "complete", "shards": [{name, num_samples, bytes, sha256}]}
     DATA/cache/samples.parquet       CACHE_SCHEMA, rows in the image table's order (written once complete)
     DATA/cache/negative.safetensors  the empty-prompt embedding ("text_embeds" [L, D]), the negative prompt
@@ -13,6 +13,12 @@ Layout (next to the image shards; DATA may be a local path or an fsspec URL)::
 Each member is safetensors bytes holding `latents` [128, H/16, W/16] (normalised, 2×2-patchified) or
 `text_embeds` [L, D], in bf16, or fp8 e4m3 with an fp32 per-tensor `{name}_scale` (spec §7). A shard is done
 once its tar and part were renamed into place and index.json lists it; reruns skip done shards.
+
+Text form: "raw" stores the stacked text-encoder states (D = joint_attention_dim, 12288 at klein 9B); "projected"
+stores the base transformer's frozen `context_embedder` applied to them (D = inner_dim, 4096 at 9B: 1/3 of the
+bytes), computed as the transformer computes it (`asymflow.text.project_text`) from the states a raw bf16 cache
+would hold, so a LoRA run sees the tensor it would compute itself. index.json then records the layer's fingerprint
+(`context_embedder`); training refuses the cache for a model with another layer or a config that trains it.
 """
 from __future__ import annotations
 
@@ -30,9 +36,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from asymflow.components import BaseModelConfig, load_base_components
+from asymflow.components import (
+    BaseModelConfig,
+    context_embedder_fingerprint,
+    load_base_components,
+    load_context_embedder,
+)
 from asymflow.latents import Posterior, encode_latents, posterior_seed
-from asymflow.text import encode_prompts
+from asymflow.text import encode_prompts, project_text
 
 from .format import (
     SampleTarWriter,
@@ -72,6 +83,8 @@ CACHE_SCHEMA = pa.schema(
 
 CacheDtype = Literal["bf16", "fp8"]
 CACHE_DTYPES: tuple[CacheDtype, ...] = ("bf16", "fp8")
+TextForm = Literal["raw", "projected"]
+TEXT_FORMS: tuple[TextForm, ...] = ("raw", "projected")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_SCALE = 1e-6  # keeps all-zero tensors (e.g. padded text positions) dequantisable
 # Round-trip error bound per element x (scale = max|x|/448 for fp8):
@@ -131,18 +144,23 @@ class CacheIdentity:
     manifest_hash: str
     # "sample": a posterior draw seeded by `asymflow.latents.posterior_seed(key)` (spec §7); "mode": the mean.
     latent_posterior: Posterior = "sample"
+    text_form: TextForm = "raw"
+    # `asymflow.components.context_embedder_fingerprint` of the layer that projected the text; None for raw text.
+    context_embedder: str | None = None
 
     @classmethod
     def of(
-        cls, cfg: BaseModelConfig, dtype: CacheDtype, data_manifest_hash: str, latent_posterior: Posterior = "sample"
+        cls, cfg: BaseModelConfig, dtype: CacheDtype, data_manifest_hash: str, latent_posterior: Posterior = "sample",
+        text_form: TextForm = "raw", context_embedder: str | None = None,
     ) -> CacheIdentity:
         return cls(cfg.fingerprint(), cfg.dtype, tuple(cfg.text_hidden_layers), cfg.max_sequence_length, dtype,
-                   data_manifest_hash, latent_posterior)
+                   data_manifest_hash, latent_posterior, text_form, context_embedder)
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> CacheIdentity:
-        # Caches written before the posterior was recorded hold modes.
-        values = {f.name: manifest.get(f.name, "mode") if f.name == "latent_posterior" else manifest[f.name]
+        # Fields caches written before them lack: those held posterior modes and raw text.
+        older = {"latent_posterior": "mode", "text_form": "raw", "context_embedder": None}
+        values = {f.name: manifest.get(f.name, older[f.name]) if f.name in older else manifest[f.name]
                   for f in fields(cls)}
         return cls(**{**values, "text_hidden_layers": tuple(values["text_hidden_layers"])})
 
@@ -230,17 +248,23 @@ def _batches(rows: Sequence[Mapping[str, Any]], batch_size: int) -> Iterator[lis
 class _Encoder:
     """The base model's VAE + text encoder, turning decoded samples into cached member bytes."""
 
-    def __init__(self, cfg: BaseModelConfig, dtype: CacheDtype, device: str, posterior: Posterior = "sample"):
+    def __init__(self, cfg: BaseModelConfig, dtype: CacheDtype, device: str, posterior: Posterior = "sample",
+                 context_embedder: torch.nn.Module | None = None):
         self.cfg, self.dtype, self.device, self.posterior = cfg, dtype, torch.device(device), posterior
         parts = load_base_components(cfg, ("vae", "text_encoder", "tokenizer"))
         self.vae = parts.vae.to(self.device)
         self.text_encoder = parts.text_encoder.to(self.device)
         self.tokenizer = parts.tokenizer
+        self.context_embedder = None if context_embedder is None else context_embedder.to(self.device)
 
     def text(self, prompts: list[str]) -> torch.Tensor:
-        return encode_prompts(
+        raw = encode_prompts(
             self.text_encoder, self.tokenizer, prompts, self.cfg.text_hidden_layers, self.cfg.max_sequence_length
-        ).float()
+        )
+        if self.context_embedder is None:
+            return raw.float()
+        # From the states as a raw bf16 cache holds them and the loader ships them: what a raw run projects itself.
+        return project_text(self.context_embedder, raw.to(torch.bfloat16)).float()
 
     def latents(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         seeds = [posterior_seed(key) for key in keys] if self.posterior == "sample" else None
@@ -295,11 +319,13 @@ def build_cache(
     device: str | None = None,
     progress: bool = True,
     latent_posterior: Posterior = "sample",
+    text_form: TextForm = "raw",
 ) -> CacheSummary:
     """Cache latents + text embeddings of every sample of the dataset at `data_dir` into DATA/cache/ (resumable).
 
     Latents are posterior samples by default (spec §7), each seeded from its sample key, so reruns, resumes and any
     batch size give the same bytes; `latent_posterior="mode"` caches the posterior mean instead.
+    `text_form="projected"` stores the frozen context_embedder's output instead of the raw states (module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -307,8 +333,12 @@ def build_cache(
         raise ValueError(f"batch size must be ≥ 1, got {batch_size}")
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {CACHE_DTYPES}")
+    if text_form not in TEXT_FORMS:
+        raise ValueError(f"unknown text form {text_form!r}; expected one of {TEXT_FORMS}")
     manifest = load_manifest(data_dir)
-    identity = CacheIdentity.of(cfg, dtype, manifest_hash(manifest), latent_posterior)
+    context_embedder = load_context_embedder(cfg) if text_form == "projected" else None
+    identity = CacheIdentity.of(cfg, dtype, manifest_hash(manifest), latent_posterior, text_form,
+                                None if context_embedder is None else context_embedder_fingerprint(context_embedder))
     cache_dir = join(data_dir, CACHE_DIR)
     fs, cache_root = fsspec.core.url_to_fs(cache_dir)
 
@@ -337,7 +367,8 @@ def build_cache(
     if not todo and fs.exists(table_path) and fs.exists(f"{cache_root}/{NEGATIVE_FILE}"):
         return summary
 
-    encoder = _Encoder(cfg, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"), latent_posterior)
+    encoder = _Encoder(cfg, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"), latent_posterior,
+                       context_embedder)
     put_atomic(join(cache_dir, NEGATIVE_FILE), tensor_to_bytes(TEXT_NAME, encoder.text([""])[0], dtype))
 
     rows_by_shard: dict[str, list[dict[str, Any]]] = {n: [] for n in shard_names}

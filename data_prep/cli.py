@@ -166,6 +166,12 @@ def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
         help="cache a posterior sample seeded by the sample key (spec §7, what training expects) or the posterior "
         "mean; recorded in cache/index.json [sample]",
     )
+    cache.add_argument(
+        "--text-form", choices=("raw", "projected"), default="raw",
+        help="raw: the stacked text-encoder states; projected: the base transformer's context_embedder applied to "
+        "them (1/3 of the bytes at klein 9B, the same conditioning; only for runs that keep context_embedder "
+        "frozen, e.g. LoRA; training refuses it otherwise) [raw]",
+    )
     cache.add_argument("--overwrite", action="store_true", help="delete an existing cache (e.g. from another model) and rebuild")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache.set_defaults(func=_run_cache)
@@ -201,6 +207,7 @@ def _run_cache(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             device=args.device,
             latent_posterior=args.latent_posterior,
+            text_form=args.text_form,
             progress=not args.no_progress,
         )
     except (CacheMismatchError, FileNotFoundError, ValueError) as e:

@@ -101,6 +101,12 @@ class DatasetIndex:
     def cache_dir(self) -> str:
         return join(self.data_dir, CACHE_DIR)
 
+    @property
+    def text_projected(self) -> bool:
+        """The cached text is context_embedder's output (`prep cache --text-form projected`), not the raw states;
+        caches from before the text form was recorded hold raw states."""
+        return (self.cache_manifest or {}).get("text_form", "raw") == "projected"
+
     def __len__(self) -> int:
         return self.table.num_rows
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 
 from orchestration.config import ConfigError, RunConfig, local_file
+
+if TYPE_CHECKING:
+    from data_prep.reader import DatasetIndex
 
 DIFFUSERS_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 
@@ -97,6 +101,32 @@ def check_perceptual(cfg: RunConfig) -> None:
         raise ConfigError(f"perceptual.weights_path: {p.weights_path} is not a safetensors file ({exc})") from None
 
 
+def check_text_form(cfg: RunConfig, index: DatasetIndex) -> None:
+    """A projected text cache (`prep cache --text-form projected`: context_embedder's outputs) is exact only for a run
+    that keeps context_embedder frozen and has the very layer, weights and dtype, that computed it."""
+    if not index.text_projected:
+        return
+    from asymflow.components import CONTEXT_EMBEDDER, context_embedder_fingerprint, load_context_embedder
+    from asymflow.trainable import why_trained
+
+    t = cfg.trainable
+    reason = why_trained(CONTEXT_EMBEDDER, t.mode, t.lora, t.full_modules)
+    if reason:
+        raise ConfigError(f"trainable: this run trains {CONTEXT_EMBEDDER} ({reason}), but the cache in "
+                          f"{index.cache_dir} holds projected text ({CONTEXT_EMBEDDER} outputs, exact only while it is "
+                          "frozen); rebuild it with `asymflow prep cache --config CONFIG --text-form raw --overwrite`")
+    m = cfg.model
+    if m.kind == "diffusers" and (_is_url(m.path) or not _looks_local(m.path)):
+        return  # a hub id: checking would load the whole transformer on the driver
+    recorded = index.cache_manifest.get("context_embedder")
+    actual = context_embedder_fingerprint(load_context_embedder(m))
+    if recorded != actual:
+        raise ConfigError(f"data.path: the projected text in {index.cache_dir} was computed by another "
+                          f"{CONTEXT_EMBEDDER} (fingerprint {recorded}; this run's model, in model.dtype {m.dtype}, has "
+                          f"{actual}); rebuild it with `asymflow prep cache --config CONFIG --text-form projected "
+                          "--overwrite`")
+
+
 def check_inputs(cfg: RunConfig) -> None:
     """Everything the workers load, on the driver: the dataset (manifest, shards, cache built by this model), the
     subspace (shape, provenance), the data plan (at least one full global batch), the model and LPIPS weights."""
@@ -122,6 +152,7 @@ def check_inputs(cfg: RunConfig) -> None:
     if cached is not None and not same_model(cached, fingerprint):
         raise ConfigError(f"data.path: the cache in {index.cache_dir} was built by model {cached!r}, this run's model "
                           f"is {fingerprint!r}; rebuild it with `asymflow prep cache --config CONFIG --overwrite`")
+    check_text_form(cfg, index)
     path = cfg.subspace_path
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.exists(fs_path):

@@ -270,6 +270,7 @@ class Trainer:
         index = DatasetIndex.open(self.cfg.data.path)
         # The empty-prompt embedding replaces dropped captions (only needed when caption dropout is on).
         self.negative_embeds = index.negative_embeds()[None] if self.cfg.objective.caption_dropout > 0 else None
+        self.text_projected = index.text_projected  # context_embedder's outputs: the models skip that layer
         return RankLoader(index, self.cfg.data, rank=self.rank, world_size=self.world_size, micro_batch=t.micro_batch,
                           grad_accum=self.accum, global_batch=t.global_batch, state=data_state,
                           pin_memory=t.use_gpu)
@@ -387,7 +388,7 @@ class Trainer:
             # calibration and recovery switch it off themselves (asymflow.precision, spec §3.4a).
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.use_gpu):
                 loss, metrics = asymflow_vr_step(self.engine, self.teacher, tensors, generator, self.cfg.objective,
-                                                 self.perceptual)
+                                                 self.perceptual, text_projected=self.text_projected)
             self.engine.backward(loss)
             self.engine.step()
             for k, v in metrics.items():

@@ -183,3 +183,95 @@ def test_fp8_cache_matches_the_bf16_cache_within_tolerance(dataset: Path, tmp_pa
             # fp8 bound against the true value, plus bf16's own error on the reference.
             bound = ref[name].abs() * (cache_mod.FP8_REL_TOL + 2 * cache_mod.BF16_REL_TOL) + 2 * scale * cache_mod.FP8_ABS_TOL_PER_SCALE
             assert ((got[name] - ref[name]).abs() <= bound).all(), name
+
+
+def _text_members(data: Path) -> dict[str, bytes]:
+    """key -> the raw bytes of its `{key}.text.safetensors` member, read with stock tarfile."""
+    out = {}
+    for entry in json.loads((data / "cache" / "index.json").read_text())["shards"]:
+        with tarfile.open(data / "cache" / entry["name"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".text.safetensors"):
+                    out[member.name.split(".", 1)[0]] = tar.extractfile(member).read()
+    return out
+
+
+def _safetensors_header_bytes(member: bytes) -> int:
+    """The 8-byte length prefix plus the JSON header of one safetensors blob."""
+    return 8 + int.from_bytes(member[:8], "little")
+
+
+def test_projected_cache_holds_context_embedder_outputs_in_a_third_less_bytes(dataset: Path, tmp_path: Path) -> None:
+    """`--text-form projected`: each sample's text is the base context_embedder applied to the states the raw cache
+    holds (bit for bit after bf16 storage), the latents are the raw cache's bytes, index.json records the form and
+    the layer's fingerprint, and the text members shrink by inner/joint_attention_dim plus a bounded header."""
+    from asymflow.components import context_embedder_fingerprint, load_context_embedder
+    from asymflow.text import project_text
+    from data_prep.reader import DatasetIndex, read_cached
+
+    data = copy_dataset(dataset, tmp_path / "data")
+    refused = run_cli("prep", "cache", str(data), "--config", TINY_CONFIG, "--text-form", "projected")
+    assert refused.returncode == 2 and "text_form: 'raw' (existing) != 'projected' (requested)" in refused.stderr
+    cfg = load_model_config(TINY_CONFIG)
+    # In this process, like the raw cache: another process may pick other CPU kernels (thread count), other bits.
+    build_cache(str(data), cfg, batch_size=2, overwrite=True, progress=False, text_form="projected")
+    layer = load_context_embedder(cfg)
+    index = json.loads((data / "cache" / "index.json").read_text())
+    assert index["text_form"] == "projected" and index["context_embedder"] == context_embedder_fingerprint(layer)
+
+    projected, raw = DatasetIndex.open(str(data)), DatasetIndex.open(str(dataset))
+    assert projected.text_projected and not raw.text_projected
+    inner, joint = layer.out_features, layer.in_features
+    assert (inner, joint) == (64, 96)
+    for i in range(len(raw)):
+        got, ref = read_cached(projected, projected.row(i)), read_cached(raw, raw.row(i))
+        assert torch.equal(got["latents"], ref["latents"])
+        expected = project_text(layer, ref["text_embeds"][None].bfloat16())[0].bfloat16().float()
+        assert got["text_embeds"].shape == (cfg.max_sequence_length, inner)
+        assert torch.equal(got["text_embeds"], expected)
+    negative = project_text(layer, raw.negative_embeds()[None].bfloat16())[0].bfloat16().float()
+    assert torch.equal(projected.negative_embeds(), negative)
+
+    # Bytes per sample: the payload is L·D·2 (bf16) in both forms, so the ratio is inner/joint = 2/3 plus headers.
+    length = cfg.max_sequence_length
+    members_p, members_r = _text_members(data), _text_members(dataset)
+    assert members_p.keys() == members_r.keys()
+    for key in members_r:
+        for member, width in ((members_p[key], inner), (members_r[key], joint)):
+            header = _safetensors_header_bytes(member)
+            assert header <= 256 and len(member) == header + length * width * 2
+    ratio = sum(map(len, members_p.values())) / sum(map(len, members_r.values()))
+    assert inner / joint < ratio <= (length * inner * 2 + 256) / (length * joint * 2)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_projected_text_bytes_at_klein_9b_are_a_third_of_raw(dtype: str) -> None:
+    """The same serialisation on tensors of klein 9B's shapes: raw [512, 3·4096] vs projected [512, 4096] (inner =
+    32 heads × 128). The ratio against today's raw bf16 member is 1/3 (bf16) or 1/6 (fp8) plus the headers."""
+    from asymflow.klein import KLEIN_TRANSFORMER_CONFIGS
+
+    config = KLEIN_TRANSFORMER_CONFIGS["9b"]
+    joint, inner = config["joint_attention_dim"], config["num_attention_heads"] * config["attention_head_dim"]
+    assert (joint, inner) == (12288, 4096)
+    raw = tensor_to_bytes("text_embeds", torch.zeros(512, joint), "bf16")
+    projected = tensor_to_bytes("text_embeds", torch.zeros(512, inner), dtype)
+    payload = 512 * inner * (2 if dtype == "bf16" else 1)
+    assert len(raw) == _safetensors_header_bytes(raw) + 512 * joint * 2
+    assert len(projected) - _safetensors_header_bytes(projected) - (4 if dtype == "fp8" else 0) == payload
+    ratio = len(projected) / len(raw)
+    assert payload / (512 * joint * 2) < ratio < (payload + 512) / (512 * joint * 2) and ratio <= 0.35
+
+
+def test_caches_from_before_the_text_form_read_as_raw(dataset: Path, tmp_path: Path) -> None:
+    from data_prep.reader import DatasetIndex
+
+    data = copy_dataset(dataset, tmp_path / "data")
+    index_path = data / "cache" / "index.json"
+    index = json.loads(index_path.read_text())
+    assert (index["text_form"], index["context_embedder"]) == ("raw", None)
+    index_path.write_text(json.dumps({k: v for k, v in index.items() if k not in ("text_form", "context_embedder")}))
+    assert not DatasetIndex.open(str(data)).text_projected
+    summary = build_cache(str(data), load_model_config(TINY_CONFIG), batch_size=2, progress=False)
+    assert summary.shards_written == 0  # the same identity as a raw cache: extended, not refused
+    with pytest.raises(CacheMismatchError, match="text_form: 'raw' \\(existing\\) != 'projected'"):
+        build_cache(str(data), load_model_config(TINY_CONFIG), batch_size=2, progress=False, text_form="projected")
