@@ -22,6 +22,7 @@ SUITE: list[tuple[str, list[str]]] = [
     ("checkpoint", ["--reps", "5"]),
     ("asymflow_overhead", ["--reps", "7", "--vae-reps", "1"]),
     ("sampler", []),  # single-threaded; 262 s measured at a load of 4–5 on the shared 2-core box
+    ("text_cache", []),  # ~40 s: serialises klein-shaped text members, builds one projected demo cache
     ("gpu_step", []),
 ]
 
