@@ -126,8 +126,8 @@ class LPIPSDistance(_Distance):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"LPIPS weights not found at {path}; provide a local safetensors file with the VGG16 features and "
-                "LPIPS linear heads (nothing is downloaded), or use the 'tiny'/'none' image distance"
+                f"LPIPS weights not found at {path}; make them with `asymflow prep lpips --vgg16 FILE --out {path}` "
+                "(nothing is downloaded), or use the 'tiny'/'none' image distance"
             )
         model = cls()
         state = {_canonical_lpips_key(k): v for k, v in load_file(str(path)).items()}

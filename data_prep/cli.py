@@ -143,6 +143,7 @@ def add_prep_commands(parser: argparse.ArgumentParser) -> None:
     _add_verify(sub)
     _add_stats(sub)
     _add_cache_commands(sub)
+    _add_lpips(sub)
 
 
 # ---------------------------------------------------------------- prep cache / prep subspace
@@ -240,4 +241,50 @@ def _run_subspace(args: argparse.Namespace) -> int:
         f"subspace ({artifact.method}, rank {artifact.rank}, s={artifact.scale:.6g}) from "
         f"{artifact.extra['num_images']} images ({artifact.extra['skipped']} corrupt skipped) -> {path}"
     )
+    return 0
+
+
+# ---------------------------------------------------------------- prep lpips
+
+LPIPS_EPILOG = """\
+Inputs (nothing is downloaded; both are files you fetch once, anywhere, and copy here):
+  --vgg16  torchvision's ImageNet VGG16 weights, e.g. vgg16-397923af.pth (the file
+           torchvision.models.vgg16(weights="IMAGENET1K_V1") downloads into ~/.cache/torch/hub/checkpoints/,
+           from https://download.pytorch.org/models/vgg16-397923af.pth), or any vgg16().state_dict() saved
+           with torch.save or as safetensors. Only its features.* conv weights are used.
+  --heads  the lpips package's linear heads weights/v0.1/vgg.pth. Default: found in the lpips package
+           installed in this Python (never imported). Otherwise `pip download lpips --no-deps` and pass the
+           wheel itself (lpips-*.whl) or the vgg.pth extracted from it.
+
+OUT is the lpips.LPIPS(net='vgg') state dict in safetensors (loads into lpips itself and into
+perceptual.weights_path), with metadata naming both inputs and their sha256, e.g.
+  asymflow prep lpips --vgg16 vgg16-397923af.pth --out models/lpips_vgg.safetensors
+"""
+
+
+def _add_lpips(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lpips",
+        help="write the LPIPS-VGG weights file (perceptual.weights_path) from torchvision VGG16 + lpips' heads",
+        description="Convert a torchvision VGG16 state dict and the lpips package's v0.1 VGG linear heads into "
+        "one safetensors file for `perceptual: {kind: lpips, weights_path: OUT}`.",
+        epilog=LPIPS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--vgg16", required=True, metavar="FILE", help="torchvision VGG16 state dict (.pth or .safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output safetensors file (written atomically)")
+    p.add_argument("--heads", default=None, metavar="FILE",
+                   help="lpips' weights/v0.1/vgg.pth, or an lpips wheel [the installed lpips package's]")
+    p.set_defaults(func=_run_lpips)
+
+
+def _run_lpips(args: argparse.Namespace) -> int:
+    from asymflow.lpips_weights import convert_lpips_weights
+
+    try:
+        meta = convert_lpips_weights(args.vgg16, args.out, args.heads)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: prep lpips: {e}", file=sys.stderr)
+        return 2
+    print(f"LPIPS-VGG v0.1 weights -> {args.out} (VGG16 sha256 {meta['vgg16_sha256'][:12]}, heads {meta['heads_source']})")
     return 0
