@@ -119,6 +119,13 @@ def transfer_tensors(
     return pixel_sd, report
 
 
+def subspace_fp64(basis: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and s in fp64 for the surgery (s checked to be a positive scalar)."""
+    # contiguous: a QR factor is column-major, and a stride change alters matmul rounding after a save/load.
+    basis64 = basis.detach().to(torch.float64).contiguous()
+    return basis64, as_scale(scale.detach() if isinstance(scale, torch.Tensor) else scale, torch.float64, basis.device)
+
+
 def add_subspace_buffers(
     pixel_sd: dict[str, torch.Tensor],
     report: ConversionReport,
@@ -154,9 +161,7 @@ def convert_transformer_with_report(
     config = AsymFlux2Transformer2DModel.from_latent_config(latent.config, sigma_min=sigma_min)
     dim = config["in_channels"] * config["patch_size"] ** 2
     check_basis(basis, dim=dim, rank=config["base_rank"])
-    # contiguous: a QR factor is column-major, and a stride change alters matmul rounding after a save/load.
-    basis64 = basis.detach().to(torch.float64).contiguous()
-    scale64 = as_scale(scale.detach() if isinstance(scale, torch.Tensor) else scale, torch.float64, basis.device)
+    basis64, scale64 = subspace_fp64(basis, scale)
 
     with torch.device("meta"):
         expected = AsymFlux2Transformer2DModel.from_config(config).state_dict()

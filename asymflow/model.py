@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
-from os import PathLike
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -13,34 +12,16 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModelOutput
 from torch import nn
 
-from asymflow.parameterisation import (
-    SIGMA_MIN_EVAL_FLUX2,
-    SIGMA_MIN_TRAIN,
-    algebra_dtype,
-    calibrate,
-    check_finite,
-    recover_velocity,
-    recover_x0,
-)
-from asymflow.patching import (
-    condition_position_ids,
-    image_position_ids,
-    patchify,
-    text_position_ids,
-    unpatchify,
-)
+from asymflow.families.pixel import FP32_BUFFERS  # noqa: F401  (imported from here by convert, export, ...)
+from asymflow.families.pixel import PIXEL_KEYS, AsymFlowPixelMixin, check_pixel_config
+from asymflow.parameterisation import SIGMA_MIN_EVAL_FLUX2, check_finite
+from asymflow.patching import condition_position_ids, image_position_ids, patchify, text_position_ids
 from asymflow.teacher import modules_swapped
 
 Prediction = Literal["velocity", "x0"]
 
-# Buffers that hold the AsymFlow algebra (B and s): never stored below fp32 (DESIGN §2).
-FP32_BUFFERS = ("proj_buffer", "scale_buffer")
 
-# Config keys that differ between the latent and the pixel model; every other key describes the shared backbone.
-_PIXEL_KEYS = ("patch_size", "in_channels", "out_channels", "base_rank", "sigma_min", "num_timesteps")
-
-
-class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
+class AsymFlux2Transformer2DModel(AsymFlowPixelMixin, Flux2Transformer2DModel):
     """FLUX.2 backbone on pixel patches with the AsymFlow parameterisation; outputs the full velocity image.
 
     Differences to the latent model (spec §5.1): `x_embedder: Linear(C·p² → inner)`,
@@ -51,7 +32,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
     AsymFlow algebra runs in fp32/fp64; only the backbone runs in the model dtype.
     """
 
-    _keep_in_fp32_modules = list(FP32_BUFFERS)  # from_pretrained(torch_dtype=bf16) loads B and s as fp32
+    family_name = "flux2"  # B and s buffers, their fp32 guard, from_pretrained and predict_x0: AsymFlowPixelMixin
 
     @register_to_config
     def __init__(
@@ -74,15 +55,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         sigma_min: float = SIGMA_MIN_EVAL_FLUX2,
         num_timesteps: int = 1,
     ):
-        if out_channels not in (None, in_channels):
-            raise ValueError(f"out_channels={out_channels} must equal in_channels={in_channels} (velocity image)")
-        dim = in_channels * patch_size * patch_size
-        if not 0 <= base_rank <= dim:
-            raise ValueError(f"base_rank={base_rank} must lie in [0, C·p²={dim}]")
-        if num_timesteps != 1:
-            raise ValueError(f"num_timesteps={num_timesteps} is not supported: the timestep is σ (num_timesteps=1)")
-        if sigma_min <= 0:
-            raise ValueError(f"sigma_min={sigma_min} must be positive")
+        dim = check_pixel_config(in_channels, out_channels, patch_size, base_rank, sigma_min, num_timesteps)
         super().__init__(
             patch_size=patch_size,
             in_channels=in_channels,
@@ -101,23 +74,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         )
         # The parent embeds `in_channels` features per token; pixel tokens are whole C·p² patches.
         self.x_embedder = nn.Linear(dim, self.inner_dim, bias=False)
-        self.register_buffer("proj_buffer", torch.eye(dim, base_rank, dtype=torch.float32))  # [I_r; 0]
-        self.register_buffer("scale_buffer", torch.tensor(1.0, dtype=torch.float32))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | PathLike, *args: Any, **kwargs: Any):
-        """diffusers' `from_pretrained`, refusing a directory that holds only part of the model (an adapter export:
-        diffusers would leave the missing tensors on the meta device and fail at the first forward)."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        # missing_keys covers both loaders: low_cpu_mem_usage leaves them on meta, the other path random.
-        missing = sorted(info["missing_keys"])
-        if missing:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds only part of an {cls.__name__} ({len(missing)} tensors "
-                f"missing, e.g. {missing[0]}): it is an adapter; load it with asymflow.load_adapter(dir, latent_base)"
-            )
-        return (model, info) if want_info else model
+        self.init_subspace_buffers(dim, base_rank)
 
     @classmethod
     def from_latent_config(
@@ -140,7 +97,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         latent_out = latent_config.get("out_channels") or latent_in
         if latent_out != latent_in:
             raise ValueError(f"latent in_channels={latent_in} and out_channels={latent_out} differ")
-        backbone_keys = [key for key in inspect.signature(cls.__init__).parameters if key not in ("self", *_PIXEL_KEYS)]
+        backbone_keys = [key for key in inspect.signature(cls.__init__).parameters if key not in ("self", *PIXEL_KEYS)]
         config = {key: latent_config[key] for key in backbone_keys if key in latent_config}
         return {
             **config,
@@ -151,17 +108,6 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
             "sigma_min": sigma_min,
             "num_timesteps": 1,
         }
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "AsymFlux2Transformer2DModel":
-        """Module casts (`.to(bf16)`, `.half()`, …) move B and s but never store them below fp32."""
-        before = {name: self._buffers[name] for name in FP32_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new is not None and new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
-                # Re-cast from the pre-cast value so no precision is lost on the way.
-                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
-        return self
 
     def forward(
         self,
@@ -191,11 +137,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         text_projected: encoder_hidden_states is already `context_embedder`'s output [B,L,inner_dim] (a projected text
         cache, exact while context_embedder is frozen); the backbone then skips that layer.
         """
-        if prediction not in ("velocity", "x0"):
-            raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
-        if x_t.ndim != 4 or x_t.shape[1] != self.config.in_channels:
-            raise ValueError(f"x_t must be [B,{self.config.in_channels},H,W], got {tuple(x_t.shape)}")
-        check_finite(x_t=x_t, sigma=sigma)
+        tokens, sigma, k, sigma_cal = self._calibrated_tokens(x_t, sigma, prediction)
         width_expected = self.inner_dim if text_projected else self.config.joint_attention_dim
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != width_expected:
             form = "projected (inner_dim)" if text_projected else "raw (joint_attention_dim)"
@@ -203,23 +145,13 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
                              f"got {tuple(encoder_hidden_states.shape)}")
         p = self.config.patch_size
         batch, _, height, width = x_t.shape
-        basis, scale = self.proj_buffer, self.scale_buffer
-        sigma = torch.as_tensor(sigma, device=x_t.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(batch)
-        if sigma.shape != (batch,):
-            raise ValueError(f"sigma must be a scalar or have shape [B]=[{batch}], got {tuple(sigma.shape)}")
-        dtype = algebra_dtype(x_t, sigma, basis)
-        sigma = sigma.to(dtype)
-        tokens = patchify(x_t.to(dtype), p, "channel_first")  # [B,N,D]; checks H, W divisible by p
-        k, sigma_cal = calibrate(sigma, scale)
 
         if txt_ids is None:
             txt_ids = text_position_ids(encoder_hidden_states.shape[1], device=x_t.device)
         hidden = k.view(batch, 1, 1) * tokens
         img_ids = image_position_ids(height // p, width // p, device=x_t.device)
         if condition_images:
-            cond_tokens, cond_ids = self._condition_tokens(condition_images, batch, dtype, x_t.device)
+            cond_tokens, cond_ids = self._condition_tokens(condition_images, batch, tokens.dtype, x_t.device)
             hidden, img_ids = torch.cat([hidden, cond_tokens], dim=1), torch.cat([img_ids, cond_ids])
         u_a = self._backbone(
             hidden,
@@ -232,13 +164,7 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
             text_projected=text_projected,
         )[:, : tokens.shape[1]]  # the condition tokens' outputs are discarded
 
-        # validate=False: a non-finite network output must reach the trainer's skip logic, not raise here.
-        if prediction == "velocity":
-            sigma_min = SIGMA_MIN_TRAIN if self.training else self.config.sigma_min
-            out = recover_velocity(u_a, tokens, sigma, basis, scale, sigma_min=sigma_min, validate=False)
-        else:
-            out = recover_x0(u_a, tokens, sigma, basis, scale, validate=False)
-        image = unpatchify(out, p, height, width, "channel_first")
+        image = self._recovered_image(u_a, tokens, sigma, prediction, height, width)
         return Flux2Transformer2DModelOutput(sample=image) if return_dict else image
 
     def _condition_tokens(
@@ -280,7 +206,8 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
         model_dtype = self.dtype
         skip = {"context_embedder": nn.Identity()} if text_projected else {}
         with modules_swapped(self, skip):
-            return super().forward(
+            return Flux2Transformer2DModel.forward(  # past AsymFlowPixelMixin.forward
+                self,
                 hidden_states=hidden_states.to(model_dtype),
                 encoder_hidden_states=encoder_hidden_states.to(model_dtype),
                 timestep=sigma_cal,
@@ -290,9 +217,3 @@ class AsymFlux2Transformer2DModel(Flux2Transformer2DModel):
                 joint_attention_kwargs=joint_attention_kwargs,
                 return_dict=False,
             )[0]
-
-    def predict_x0(
-        self, x_t: torch.Tensor, sigma: torch.Tensor | float, encoder_hidden_states: torch.Tensor, **kwargs: Any
-    ) -> torch.Tensor:
-        """x̂_0 [B,C,H,W] (calls `forward(..., prediction="x0")`, so wrappers' hooks still run)."""
-        return self(x_t, sigma, encoder_hidden_states, prediction="x0", **kwargs)

@@ -1,0 +1,23 @@
+"""SD3 / SD3.5: SD3Transformer2DModel with a conv patch embedding (patch 2) on 16-channel latents, t = 1000·σ."""
+from __future__ import annotations
+
+from .core import ModelFamily, PatchIO
+
+SD3 = ModelFamily(
+    name="sd3",
+    title="Stable Diffusion 3 / 3.5",
+    transformer_class="SD3Transformer2DModel",
+    pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+    vae_class="AutoencoderKL",
+    latent_channels=16,
+    latent_patch=2,
+    vae_factor=8,
+    read_in=PatchIO("pos_embed.proj", "conv", "channel_first"),  # PatchEmbed: Conv2d(16 → inner, 2, stride 2)
+    # SD3's unpatchify reads proj_out's features as 'nhwpqc': (i, j, c), i.e. channel-last.
+    read_out=PatchIO("proj_out", "linear", "channel_last"),
+    latent_normalisation="scale_shift",
+    vae_factors=(1.5305, 0.0609),
+    timestep="t1000",
+    text_encoders=("CLIPTextModelWithProjection (L)", "CLIPTextModelWithProjection (G)", "T5EncoderModel"),
+    pixel_class_path="asymflow.families.sd3_model:AsymSD3Transformer2DModel",
+)

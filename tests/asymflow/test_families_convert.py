@@ -1,0 +1,178 @@
+"""Other latent families (issue 15): seamless-init identity (spec §5.3) of FLUX.1 and SD3 on tiny random instances of
+the real diffusers classes, with B and s fitted from each family's real VAE class, and the save/load round trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import FluxPipeline
+
+from asymflow.families import detect_family, get_family
+from asymflow.families.conversion import convert_family_transformer, convert_family_transformer_with_report
+from asymflow.families.fit import fit_family_subspace
+from asymflow.families.tiny import (
+    TINY_POOLED_WIDTH,
+    TINY_TEXT_WIDTH,
+    build_tiny_family_transformer,
+    build_tiny_family_vae,
+)
+from asymflow.parameterisation import calibrate
+from asymflow.patching import patchify, unpatchify
+from tests.asymflow.helpers import random_basis, seamless_errors_from_outputs
+from tests.asymflow.test_convert import single_thread  # noqa: F401  (autouse fixture)
+
+FAMILIES = ("flux1", "sd3")
+P, RANK = 16, 64  # VAE factor 8 × latent patch 2; 16 channels × 2×2
+H, W, L = 32, 48, 5  # a 2×3 token grid, 5 text tokens
+SIGMAS = (0.05, 0.3, 0.77, 1.0)
+GUIDANCE = 3.5
+
+
+def conditioning(family: str, batch: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, L, TINY_TEXT_WIDTH, generator=gen, dtype=torch.float64).to(dtype)
+    extra = {"pooled_projections": torch.randn(batch, TINY_POOLED_WIDTH, generator=gen, dtype=torch.float64).to(dtype)}
+    if family == "flux1":
+        extra["guidance"] = torch.full((batch,), GUIDANCE, dtype=dtype)
+    return text, extra
+
+
+def latent_velocity(family: str, latent, z: torch.Tensor, sigma_cal: torch.Tensor, text, extra) -> torch.Tensor:
+    """G(z, σ̃) as channel-first latent tokens [B,N,64]: the latent model called the way its own pipeline calls it,
+    on the latent image whose 2×2 channel-first patches are the tokens z."""
+    dtype = latent.dtype
+    image = unpatchify(z, 2, H // 8, W // 8, "channel_first").to(dtype)  # [B,16,H/8,W/8]
+    kwargs = {name: value.to(dtype) for name, value in extra.items()}
+    if family == "flux1":  # FluxPipeline: packed tokens, σ (scaled ×1000 inside), ids from its own helpers
+        batch = z.shape[0]
+        out = latent(
+            hidden_states=FluxPipeline._pack_latents(image, batch, 16, H // 8, W // 8),
+            encoder_hidden_states=text.to(dtype),
+            timestep=sigma_cal.to(dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch, H // 16, W // 16, z.device, dtype),
+            txt_ids=torch.zeros(text.shape[1], 3, dtype=dtype),
+            return_dict=False,
+            **kwargs,
+        )[0]
+        out = FluxPipeline._unpack_latents(out, H, W, vae_scale_factor=8)
+    else:  # StableDiffusion3Pipeline: the latent image and t = 1000·σ
+        out = latent(hidden_states=image, encoder_hidden_states=text.to(dtype), timestep=1000 * sigma_cal.to(dtype),
+                     return_dict=False, **kwargs)[0]
+    return patchify(out, 2, "channel_first")
+
+
+def sample_images(count: int = 6, size: int = 128) -> torch.Tensor:
+    """skimage's bundled photos, resized to size², in [−1,1]."""
+    import skimage.data
+
+    images = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")[:count]:
+        pixels = torch.from_numpy(getattr(skimage.data, name)()[..., :3].copy()).permute(2, 0, 1)[None]
+        rgb = pixels.double() / 127.5 - 1
+        images.append(F.interpolate(rgb, size=(size, size), mode="area"))
+    return torch.cat(images).float()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_setup(request):
+    """(family name, latent model, B and s fitted from the family's VAE on skimage photos)."""
+    name = request.param
+    basis, scale = fit_family_subspace(get_family(name), build_tiny_family_vae(name), [sample_images()])
+    return name, build_tiny_family_transformer(name), basis, scale
+
+
+def seamless_errors(name: str, latent, basis: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[float, float]:
+    """(‖x̂_0^pix − s·B·(y_z − σ̃·G(y_z, σ̃))‖, ‖P⊥x̂_0^pix‖) relative to ‖x̂_0‖, worst over SIGMAS, checking both the
+    x0 form and x_t − σ·û of the velocity form (as test_convert does for FLUX.2)."""
+    pixel = convert_family_transformer(get_family(name), latent, basis, scale).eval()
+    batch = len(SIGMAS)
+    x_t = torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    text, extra = conditioning(name, batch, dtype)
+    sigma = torch.tensor(SIGMAS, dtype=dtype)
+    with torch.no_grad():
+        x0, u = pixel.predict_x0(x_t, sigma, text, **extra), pixel(x_t, sigma, text, **extra)
+        k, sigma_cal = calibrate(sigma, scale)
+        y_z = k.view(batch, 1, 1) * (patchify(x_t, P) @ basis.to(dtype))
+        z0 = y_z - sigma_cal.view(batch, 1, 1) * latent_velocity(name, latent, y_z, sigma_cal, text, extra).to(dtype)
+    return seamless_errors_from_outputs(x_t, sigma, x0, u, z0, basis, scale, P)
+
+
+def test_seamless_init_fp32_with_fitted_subspace(family_setup) -> None:
+    name, latent, basis, scale = family_setup
+    rel, comp = seamless_errors(name, latent, basis.to(torch.float32), scale, torch.float32)
+    assert rel <= 1e-4 and comp <= 1e-4
+
+
+@pytest.mark.parametrize("scale", (0.7, 2.3))
+def test_seamless_init_fp64(family_setup, scale: float) -> None:
+    """Exact up to fp64 rounding: a wrong token order at either end (e.g. SD3's channel-last read-out) is O(1)."""
+    name, latent, _, _ = family_setup
+    rel, comp = seamless_errors(name, latent.to(torch.float64), random_basis(768, RANK), scale, torch.float64)
+    latent.to(torch.float32)
+    assert rel < 1e-10 and comp < 1e-10
+
+
+def test_fitted_subspace_is_the_procrustes_solution(family_setup) -> None:
+    """B maximises tr(Bᵀ·XᵀZ) over orthonormal [768, 64] (its value is the nuclear norm of ZᵀX) and s² is the
+    energy ratio tr(BᵀXᵀXB)/Σ‖z‖² (spec §4.2), for the family's own latent tokens paired with Oklab pixel tokens."""
+    from asymflow.families.fit import latent_tokens, pixel_tokens
+
+    name, _, basis, scale = family_setup
+    family = get_family(name)
+    images = sample_images()
+    z = latent_tokens(family, build_tiny_family_vae(name), images).flatten(0, 1).double()
+    x = pixel_tokens(family, images).flatten(0, 1).double()
+    assert z.shape == (6 * 8 * 8, RANK) and x.shape == (6 * 8 * 8, 768)
+    assert torch.allclose(basis.T @ basis, torch.eye(RANK, dtype=torch.float64), atol=1e-10)
+    cross = x.T @ z  # [768, 64]
+    assert torch.trace(basis.T @ cross).item() == pytest.approx(torch.linalg.svdvals(cross).sum().item(), rel=1e-9)
+    assert scale**2 == pytest.approx((torch.trace(basis.T @ x.T @ x @ basis) / (z * z).sum()).item(), rel=1e-9)
+
+
+def test_report_accounts_for_every_tensor(family_setup) -> None:
+    name, latent, basis, scale = family_setup
+    family = get_family(name)
+    pixel, report = convert_family_transformer_with_report(family, latent, basis, scale)
+    pixel_keys, latent_keys = set(pixel.state_dict()), set(latent.state_dict())
+    assert set(report.copied) | set(report.reprojected) | set(report.created) == pixel_keys
+    assert set(report.copied) | set(report.reprojected) | set(report.dropped) == latent_keys
+    assert set(report.reprojected) == {
+        f"{family.read_in.module}.weight", f"{family.read_out.module}.weight", f"{family.read_out.module}.bias"
+    }
+    assert set(report.created) == {"proj_buffer", "scale_buffer"} and not report.dropped
+    # Copies, not aliases, unless asked.
+    name0 = report.copied[0]
+    assert pixel.state_dict()[name0].data_ptr() != latent.state_dict()[name0].data_ptr()
+
+
+def test_save_load_round_trip(tmp_path, family_setup) -> None:
+    """save_pretrained → from_pretrained of the pixel class gives the same model (outputs bit for bit), B and s
+    stay fp32 when loaded in bf16, and the saved directory is detected as its family."""
+    name, latent, basis, scale = family_setup
+    family = get_family(name)
+    pixel = convert_family_transformer(family, latent, basis, scale).eval()
+    pixel.save_pretrained(tmp_path / "pixel")
+    loaded = family.pixel_class().from_pretrained(tmp_path / "pixel").eval()
+    x_t = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(4))
+    text, extra = conditioning(name, 2, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x_t, torch.tensor([0.2, 0.9]), text, **extra),
+                           pixel(x_t, torch.tensor([0.2, 0.9]), text, **extra))
+    assert loaded.config.base_rank == RANK and loaded.config.patch_size == P
+    half = family.pixel_class().from_pretrained(tmp_path / "pixel", torch_dtype=torch.bfloat16)
+    assert half.proj_buffer.dtype == half.scale_buffer.dtype == torch.float32
+    assert torch.equal(half.proj_buffer, basis.to(torch.float32))
+    assert detect_family(tmp_path / "pixel") is family
+
+
+def test_converts_from_a_local_directory(tmp_path, family_setup) -> None:
+    name, latent, basis, scale = family_setup
+    family = get_family(name)
+    latent.save_pretrained(tmp_path / "latent")
+    assert detect_family(tmp_path / "latent") is family
+    from_dir = convert_family_transformer(family, tmp_path / "latent", basis, scale).eval()
+    from_obj = convert_family_transformer(family, latent, basis, scale).eval()
+    x_t = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(4))
+    text, extra = conditioning(name, 2, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(from_dir(x_t, 0.5, text, **extra), from_obj(x_t, 0.5, text, **extra))
