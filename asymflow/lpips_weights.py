@@ -170,6 +170,8 @@ def convert_lpips_weights(vgg16: str | Path, out: str | Path, heads: str | Path 
     head_tensors = lpips_heads(read_state_dict(heads_path, "--heads", member), str(heads_path))
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory (give the file to write)")
     meta = {
         "format": FORMAT,
         "vgg16_source": str(vgg16.resolve()),
@@ -182,6 +184,8 @@ def convert_lpips_weights(vgg16: str | Path, out: str | Path, heads: str | Path 
     try:
         save_file(lpips_state_dict(features, head_tensors), str(tmp), metadata=meta)
         os.replace(tmp, out)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return meta

@@ -163,7 +163,9 @@ def test_safetensors_input_and_wheel_heads(inputs, tmp_path, capsys):
     LPIPSDistance reads them; only features.* is taken (a classifier key is ignored)."""
     vgg = load_file(inputs["vgg16"])
     with_classifier = tmp_path / "vgg16-full.pth"
-    torch.save({**vgg, "classifier.6.bias": torch.zeros(1000)}, with_classifier)
+    # torchvision's own vgg16-397923af.pth is in torch's legacy (pre-zip) format, as written here
+    torch.save({**vgg, "classifier.6.bias": torch.zeros(1000)}, with_classifier, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(with_classifier)
     out = tmp_path / "w.safetensors"
     assert main(["prep", "lpips", "--vgg16", str(with_classifier), "--heads", inputs["lpips_0_1_4_py3_none_any"], "--out", str(out)]) == 0
     heads = _heads_state()
@@ -204,6 +206,7 @@ ERRORS = [
     (["--heads", "{vgg16}"], "not the lpips package's VGG heads"),
     (["--heads", "{other_1_0_py3_none_any}"], "the archive has no lpips/weights/v0.1/vgg.pth"),
     (["--heads", "{root}/none.whl"], "--heads {root}/none.whl: no such file"),
+    (["--out", "{dir}"], "--out {dir}: is a directory"),
     (["--out", "{root}/nodir/x.safetensors"], "--out {root}/nodir/x.safetensors: directory {root}/nodir does not exist"),
 ]
 
