@@ -42,11 +42,21 @@ class TrainableSection(_Section):
         "auto: tied for lora, copy for full",
     )
 
+    frozen_params: Literal["partitioned", "replicated"] = Field(
+        "partitioned",
+        description="where the frozen base lives (orchestration/frozen_params.py): partitioned by ZeRO-3 (gathered "
+        "for every pass over it, 2·N/r bytes per GPU) or replicated (whole on every rank, outside ZeRO-3: no frozen "
+        "traffic, 2·N bytes per GPU); the trainable state is partitioned either way. LoRA only",
+    )
+
     @model_validator(mode="after")
     def _teacher_fits_mode(self) -> TrainableSection:
         if self.teacher == "tied" and self.mode == "full":
             raise ValueError("trainable.teacher 'tied' needs trainable.mode 'lora' (a fully trained student has no "
                              "frozen base to share); use 'copy' or 'auto'")
+        if self.frozen_params == "replicated" and self.mode == "full":
+            raise ValueError("trainable.frozen_params 'replicated' needs trainable.mode 'lora' (a fully trained "
+                             "student has no frozen parameters to replicate); use 'partitioned'")
         return self
 
     def teacher_kind(self) -> Literal["tied", "copy"]:

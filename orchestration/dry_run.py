@@ -7,11 +7,14 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from orchestration.config import RunConfig
+from orchestration.config import RunConfig, TrainableSection
 
 PIXEL_TOKEN = 768  # 3 Oklab channels × 16² pixels: the converted model's x_embedder input / proj_out output
 IMAGE_ALGEBRA_TENSORS = 20  # fp32 image-space tensors of one AsymFlow step (SCALING.md: x_0, x_t, twins, targets, …)
 RECOMPUTE_TRANSIENT = 20  # T·d values alive while one checkpointed block is recomputed (q, k, v, MLP in/out, …)
+GATHERED_BLOCKS = 2  # ZeRO-3 holds about this many blocks' gathered parameters at once (the current and the next)
+GPU_CONTEXT_BYTES = 3e9  # assumption: CUDA context, NCCL buffers and allocator slack per GPU (not measured here)
+LPIPS_TAP_TENSORS = 4  # per LPIPS tap: target features, normalised prediction, difference, its square
 
 
 @dataclass(frozen=True)
@@ -26,19 +29,23 @@ class ParamCounts:
 def count_parameters(cfg: RunConfig) -> ParamCounts:
     """Parameter counts of the run's pixel model and trainable set, from the latent base's config on the meta
     device (a klein-sized model costs no memory): converting changes only x_embedder/proj_out's token width."""
+    return count_model_parameters(_latent_on_meta(cfg), cfg.trainable)
+
+
+def count_model_parameters(latent: torch.nn.Module, trainable_cfg: TrainableSection) -> ParamCounts:
+    """`count_parameters` for a given latent base (modified: the trainable set is applied to it)."""
     from asymflow.trainable import apply_trainable
 
-    latent = _latent_on_meta(cfg)
     r = latent.x_embedder.weight.shape[1]
     d = latent.x_embedder.weight.shape[0]
     growth = (PIXEL_TOKEN - r) * (d + latent.proj_out.weight.shape[1])
     if getattr(latent.proj_out, "bias", None) is not None:
         growth += PIXEL_TOKEN - r
     total = sum(p.numel() for p in latent.parameters()) + growth
-    apply_trainable(latent, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
+    apply_trainable(latent, trainable_cfg.mode, trainable_cfg.lora, trainable_cfg.full_modules)
     trainable = sum(p.numel() for p in latent.parameters() if p.requires_grad) + growth
     full = sum(p.numel() for name, p in latent.named_parameters()
-               if p.requires_grad and "lora_" not in name) + growth if cfg.trainable.mode == "lora" else total
+               if p.requires_grad and "lora_" not in name) + growth if trainable_cfg.mode == "lora" else total
     layers = len(latent.transformer_blocks) + len(latent.single_transformer_blocks)
     return ParamCounts(total, trainable, full, layers, d)
 
@@ -57,14 +64,77 @@ def _latent_on_meta(cfg: RunConfig) -> torch.nn.Module:
         return Flux2Transformer2DModel.from_config(config)
 
 
-def state_bytes_per_rank(p: ParamCounts, world: int, gpu: bool, teacher: str) -> float:
+def state_bytes_per_rank(p: ParamCounts, world: int, gpu: bool, teacher: str,
+                         frozen_params: str = "partitioned") -> float:
     """ZeRO-3 model states per rank (SCALING.md): every parameter partitioned in the compute dtype, plus gradient,
     fp32 master and Adam m, v of the trainable ones; the teacher's frozen copies (tied: the fully trained modules;
-    copy: the whole model) are not partitioned. GPU: bf16 (2 B); CPU: fp32 (4 B)."""
+    copy: the whole model) are not partitioned; `frozen_params` replicated keeps the frozen parameters whole on
+    every rank (orchestration/frozen_params.py). GPU: bf16 (2 B); CPU: fp32 (4 B)."""
     b = 2 if gpu else 4
     per_trainable = b + 4 + 8 if gpu else 4 + 4 + 8  # grad + fp32 master + Adam (CPU: the fp32 param is the master)
     teacher_bytes = b * (p.full_modules if teacher == "tied" else p.total)
+    frozen = p.total - p.trainable
+    if frozen_params == "replicated":
+        return b * frozen + (b + per_trainable) * p.trainable / world + teacher_bytes
     return (b * p.total + per_trainable * p.trainable) / world + teacher_bytes
+
+
+def gathered_bytes(p: ParamCounts, gpu: bool, frozen_params: str = "partitioned") -> float:
+    """Parameters ZeRO-3 holds gathered at once: about GATHERED_BLOCKS blocks' worth (only their trainable share
+    when the frozen ones are replicated, which `state_bytes_per_rank` counts whole already)."""
+    b = 2 if gpu else 4
+    gathered = p.trainable if frozen_params == "replicated" else p.total
+    return GATHERED_BLOCKS * b * gathered / p.layers
+
+
+def lpips_bytes_per_sample(height: int, width: int, gpu: bool) -> float:
+    """LPIPS-VGG16 on one predicted image (spec §10: bf16 on GPU), what autograd keeps for its backward: every
+    conv/ReLU and max-pool output of the prediction's VGG pass (at full resolution), plus LPIPS_TAP_TENSORS
+    tensors the size of each tapped feature map (target features, normalised prediction, difference, square)."""
+    from asymflow.perceptual import LPIPS_TAPS, VGG16_LAYOUT
+
+    b = 2 if gpu else 4
+    h, w, channels, values, taps = height, width, 3, 0, 0
+    index = 0  # position in torchvision's vgg16 `features`: a conv and its ReLU take two, a max-pool one
+    for layer in VGG16_LAYOUT:
+        if layer == "M":
+            h, w, index = h // 2, w // 2, index + 1
+        else:
+            channels, index = layer, index + 2
+        values += channels * h * w
+        if index - 1 in LPIPS_TAPS:  # this conv's ReLU output is an LPIPS tap
+            taps += channels * h * w
+    return b * (values + LPIPS_TAP_TENSORS * taps)
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """Per-GPU (or per-worker) memory of the docs/SCALING.md model, in bytes."""
+
+    states: float
+    gathered: float
+    context: float
+    activations_per_sample: float
+    lpips_per_sample: float
+    micro_batch: int
+
+    @property
+    def total(self) -> float:
+        return (self.states + self.gathered + self.context
+                + self.micro_batch * (self.activations_per_sample + self.lpips_per_sample))
+
+
+def predict_memory(p: ParamCounts, *, world: int, gpu: bool, teacher: str, frozen_params: str, micro_batch: int,
+                   height: int, width: int, text_tokens: int, checkpointing: bool, lpips: bool) -> MemoryPrediction:
+    """The memory model `asymflow train --dry-run` prints and docs/SCALING.md tabulates (bench/memory_table.py)."""
+    return MemoryPrediction(
+        states=state_bytes_per_rank(p, world, gpu, teacher, frozen_params),
+        gathered=gathered_bytes(p, gpu, frozen_params),
+        context=GPU_CONTEXT_BYTES if gpu else 0.0,
+        activations_per_sample=activation_bytes_per_sample(p, height, width, text_tokens, gpu, checkpointing),
+        lpips_per_sample=lpips_bytes_per_sample(height, width, gpu) if lpips else 0.0,
+        micro_batch=micro_batch,
+    )
 
 
 def activation_bytes_per_sample(p: ParamCounts, height: int, width: int, text_tokens: int, gpu: bool,
@@ -104,9 +174,10 @@ def dry_run_report(cfg: RunConfig) -> str:
     saves = sorted({s for s in range(c.every, t.steps + 1, c.every)} | {t.steps})
     restore = ckpt.find_restore_point(cfg.run_dir)
     p = count_parameters(cfg)
-    states = state_bytes_per_rank(p, t.workers, t.use_gpu, cfg.trainable.teacher_kind())
-    act = activation_bytes_per_sample(p, height, width, cfg.model.max_sequence_length, t.use_gpu,
-                                      t.activation_checkpointing) * t.micro_batch
+    m = predict_memory(p, world=t.workers, gpu=t.use_gpu, teacher=cfg.trainable.teacher_kind(),
+                       frozen_params=cfg.trainable.frozen_params, micro_batch=t.micro_batch, height=height,
+                       width=width, text_tokens=cfg.model.max_sequence_length,
+                       checkpointing=t.activation_checkpointing, lpips=cfg.perceptual.kind == "lpips")
     device = "GPU, bf16" if t.use_gpu else "CPU, fp32"
     lines = [
         "# dry run: nothing was started. Resolved config:",
@@ -126,8 +197,11 @@ def dry_run_report(cfg: RunConfig) -> str:
         f"samples: {f'every {cfg.sample.every} steps' if cfg.sample.every else 'off'}",
         f"model: {_count(p.total)} parameters, {_count(p.trainable)} trainable "
         f"({100 * p.trainable / p.total:.1f} %, {cfg.trainable.mode}), {p.layers} blocks of width {p.width}",
-        f"predicted memory per worker (docs/SCALING.md model, {device}): model states {_size(states)} + activations "
-        f"{_size(act)} (micro-batch {t.micro_batch} at the largest bucket {width}x{height}) = {_size(states + act)}; "
-        "framework, communication buffers and the perceptual network are not in the model",
+        f"predicted memory per worker (docs/SCALING.md model, {device}, frozen parameters "
+        f"{cfg.trainable.frozen_params}): model states {_size(m.states)} + gathered parameters {_size(m.gathered)}"
+        + (f" + CUDA/NCCL context {_size(m.context)} (assumed)" if m.context else "")
+        + f" + activations {_size(m.micro_batch * m.activations_per_sample)}"
+        + (f" + LPIPS {_size(m.micro_batch * m.lpips_per_sample)}" if m.lpips_per_sample else "")
+        + f" (micro-batch {t.micro_batch} at the largest bucket {width}x{height}) = {_size(m.total)}",
     ]
     return "\n".join(lines)
