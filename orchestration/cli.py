@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error (also ASYMFLOW_DEBUG=1; accepted anywhere)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    prep = sub.add_parser("prep", help="prepare data: shards, cached latents/text embeddings, subspace fit, verify, stats")
+    prep = sub.add_parser("prep", help="prepare data: shards, cached latents/text embeddings, subspace fit, verify, stats; LPIPS weights")
     from data_prep.cli import add_prep_commands
 
     add_prep_commands(prep)
