@@ -141,6 +141,8 @@ def load_context_embedder(cfg: BaseModelConfig) -> torch.nn.Linear:
 
     from safetensors import safe_open
 
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root} has no config.json (expected the base transformer's diffusers folder)")
     config = json.loads((root / "config.json").read_text())
     name = f"{CONTEXT_EMBEDDER}.weight"
     for file in sorted(root.glob("*.safetensors")):

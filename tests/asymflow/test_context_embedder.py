@@ -38,3 +38,9 @@ def test_why_trained_names_the_setting_that_trains_a_module():
     assert why_trained("proj_out", "lora", None, FULL_MODULES) == "trainable.full_modules includes 'proj_out'"
     assert why_trained("transformer_blocks.0.ff.linear_in", "lora", None, ()) is not None
     assert why_trained("transformer_blocks.0.attn.to_q", "lora", None, FULL_MODULES) is None
+
+
+def test_a_directory_without_the_transformer_is_named(tmp_path):
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"transformer has no config.json"):
+        load_context_embedder(BaseModelConfig(kind="diffusers", path=str(tmp_path)))
