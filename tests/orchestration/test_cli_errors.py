@@ -37,6 +37,8 @@ CASES = [
     (["train", TINY, "--set", "train.lrr=1"], 2, "--set train.lrr=1: train.lrr: unknown key (did you mean `train.lr`?)"),
     (["train", TINY, "--set", "train.lr=fast"], 2, "--set train.lr=fast: train.lr: Input should be a valid number"),
     (["train", TINY, "--steps", "0"], 2, "--steps 0: train.steps: Input should be greater than 0"),
+    (["train", TINY, "--set", "trainable.mode=full", "--set", "trainable.frozen_params=replicated"], 2,
+     "trainable.frozen_params 'replicated' needs trainable.mode 'lora'"),
     (["train", TINY, "--steps", "many"], 2, "--steps: invalid int value: 'many'"),
     (["train", TINY, "--set", "nokeyvalue"], 2, "--set nokeyvalue: must look like section.key=value"),
     (["train", TINY, "--name", "2024", "--data", "{nodata}"], 2, "data.path: {nodata}: not a dataset"),
