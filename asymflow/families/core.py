@@ -54,6 +54,8 @@ class ModelFamily:
     timestep: Literal["sigma", "t1000"]
     text_encoders: tuple[str, ...]
     pixel_class_path: str  # "module:Class" of the pixel AsymFlow model, imported when asked for
+    full_modules: tuple[str, ...]  # trained in full next to a LoRA (spec §9): the patch read-in/out and norm_out
+    lora_targets: tuple[str, ...]  # PEFT full-match regexes of the LoRA-adapted Linear layers (any block count)
 
     @property
     def pixel_patch(self) -> int:

@@ -19,4 +19,12 @@ FLUX1 = ModelFamily(
     timestep="sigma",  # the forward multiplies σ (and the guidance scale) by 1000 itself
     text_encoders=("CLIPTextModel (pooled)", "T5EncoderModel"),
     pixel_class_path="asymflow.families.flux1_model:AsymFluxTransformer2DModel",
+    full_modules=("x_embedder", "proj_out", "norm_out"),
+    # FLUX.2's recipe set on FLUX.1's names: double-block MLPs, timestep embedder, single blocks' fused output.
+    lora_targets=(
+        r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
+        r"transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)",
+        r"time_text_embed\.timestep_embedder\.linear_[12]",
+        r"single_transformer_blocks\.\d+\.proj_out",
+    ),
 )

@@ -1,6 +1,8 @@
 """FLUX.2 (klein): the family the project started with; its pixel model and conversion live in asymflow.model/convert."""
 from __future__ import annotations
 
+from asymflow.trainable import FLUX2_LORA_TARGETS, FULL_MODULES
+
 from .core import ModelFamily, PatchIO
 
 FLUX2 = ModelFamily(
@@ -19,4 +21,6 @@ FLUX2 = ModelFamily(
     timestep="sigma",
     text_encoders=("Qwen3ForCausalLM (hidden states of 3 layers)",),
     pixel_class_path="asymflow.model:AsymFlux2Transformer2DModel",
+    full_modules=FULL_MODULES,
+    lora_targets=FLUX2_LORA_TARGETS,
 )

@@ -20,4 +20,12 @@ SD3 = ModelFamily(
     timestep="t1000",
     text_encoders=("CLIPTextModelWithProjection (L)", "CLIPTextModelWithProjection (G)", "T5EncoderModel"),
     pixel_class_path="asymflow.families.sd3_model:AsymSD3Transformer2DModel",
+    full_modules=("pos_embed.proj", "proj_out", "norm_out"),
+    # FLUX.2's recipe set on SD3's names (no single blocks: the joint blocks' attention output instead).
+    lora_targets=(
+        r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
+        r"transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)",
+        r"time_text_embed\.timestep_embedder\.linear_[12]",
+        r"transformer_blocks\.\d+\.attn\.to_out\.0",
+    ),
 )

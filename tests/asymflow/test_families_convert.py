@@ -176,3 +176,47 @@ def test_converts_from_a_local_directory(tmp_path, family_setup) -> None:
     text, extra = conditioning(name, 2, torch.float32)
     with torch.no_grad():
         assert torch.equal(from_dir(x_t, 0.5, text, **extra), from_obj(x_t, 0.5, text, **extra))
+
+
+
+def lora_student(name: str, latent, basis: torch.Tensor, scale: float):
+    """(converted model before LoRA, the same model with the family's LoRA targets + full modules trainable)."""
+    from asymflow.trainable import LoRASettings, apply_trainable
+
+    family = get_family(name)
+    pixel = convert_family_transformer(family, latent, basis, scale).eval()
+    settings = LoRASettings(rank=4, alpha=8.0, targets=family.lora_targets)
+    student = apply_trainable(convert_family_transformer(family, latent, basis, scale), "lora", settings,
+                              family.full_modules)
+    return pixel, student.eval()
+
+
+def test_lora_targets_and_full_modules(family_setup) -> None:
+    """The family's LoRA targets each adapt some layer of the real model, its full modules train, and at init
+    (lora_B = 0) the adapted model computes exactly what the converted one does."""
+    import re
+
+    name, latent, basis, scale = family_setup
+    family = get_family(name)
+    pixel, student = lora_student(name, latent, basis, scale)
+    adapted = {n.split(".lora_A.")[0] for n, _ in student.named_parameters() if ".lora_A." in n}
+    assert all(any(re.fullmatch(target, module) for module in adapted) for target in family.lora_targets)
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert {m for m in family.full_modules for n in trainable if n.startswith(m + ".")} == set(family.full_modules)
+    x_t = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(5))
+    text, extra = conditioning(name, 2, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(student(x_t, 0.6, text, **extra), pixel(x_t, 0.6, text, **extra))
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("flux1", marks=pytest.mark.xfail(strict=True, reason=(
+        "asymflow.trainable matches a full module at any depth, so full module 'proj_out' also trains every "
+        "single_transformer_blocks.N.proj_out of FLUX.1 in full; to fix with the family's training integration"))),
+    "sd3",
+])
+def test_only_lora_and_full_modules_train(name: str) -> None:
+    family = get_family(name)
+    _, student = lora_student(name, build_tiny_family_transformer(name), random_basis(768, RANK), 1.0)
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert all(".lora_" in n or any(n.startswith(m + ".") for m in family.full_modules) for n in trainable)
