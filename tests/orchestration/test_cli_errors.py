@@ -64,6 +64,8 @@ CASES = [
     (["prep", "cache", "{nodata}", "--config", "{missing}"], 2, "{missing}: no such config file"),
     (["prep", "subspace", "{nodata}", "--config", TINY], 2, "{nodata}: not a dataset"),
     (["prep", "subspace", "{nodata}", "--config", TINY, "--num-images", "x"], 2, "invalid int value: 'x'"),
+    (["prep", "lpips", "--vgg16", "{missing}", "--heads", "{bad}", "--out", "{root}/o.safetensors"], 2,
+     "--vgg16 {missing}: no such file"),
     (["serve", "bundled", "--port", "70000"], 2, "--port must be 1-65535"),
     (["sample", "{nodata}"], 2, "required: --prompt"),
 ]
