@@ -438,3 +438,19 @@ def _ray_start_cli() -> None:
 
 if __name__ == "__main__":
     _ray_start_cli()
+
+
+def join_gloo_group(rank: int, world: int, port: int) -> None:
+    """In a spawned test process: join a `world`-rank DeepSpeed gloo group on 127.0.0.1:`port` as `rank`, one intra-op
+    thread, DeepSpeed's shm comm op off (no JIT build). diffusers and dynamo are imported first, as in the worker
+    (ZeRO-3's hooks need them)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import deepspeed
+    import diffusers  # noqa: F401
+    import torch
+    import torch._dynamo  # noqa: F401
+
+    torch.set_num_threads(1)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")

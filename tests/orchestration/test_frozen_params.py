@@ -4,7 +4,6 @@ same losses and weights bit for bit as partitioned; config refuses it for full f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 
 from orchestration.config import ConfigError, load_config
 
-from .multinode_helpers import free_ports
+from .multinode_helpers import free_ports, join_gloo_group
 from .test_config import TINY
 
 STEPS = 3
@@ -21,12 +20,9 @@ STEPS = 3
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     """Both policies in one process group, one after the other, on the same tiny LoRA student and tied teacher."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    join_gloo_group(rank, world, port)
     import deepspeed
 
-    import diffusers  # noqa: F401  (ZeRO-3 hooks need diffusers and dynamo imported first, as in the worker)
-    import torch._dynamo  # noqa: F401
     from asymflow.convert import convert_transformer
     from asymflow.objective import AsymFlowVRConfig, asymflow_vr_step
     from asymflow.teacher import make_teacher
@@ -39,9 +35,6 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     from tests.asymflow.helpers import random_basis
     from tests.asymflow.test_trainable import tiny_batch
 
-    torch.set_num_threads(1)
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
     train = TrainSection(global_batch=8, micro_batch=2, workers=world, use_gpu=False, lr=1e-3)  # 2 micro-batches
     result = {}
     for policy in ("partitioned", "replicated"):

@@ -11,6 +11,8 @@ import torch
 from asymflow.components import BaseModelConfig
 from orchestration.config import ConfigError, load_config
 
+from .multinode_helpers import free_ports, join_gloo_group
+
 REPO = Path(__file__).resolve().parents[2]
 BF16_MODEL = BaseModelConfig(kind="tiny", seed=0, dtype="bfloat16")  # the recipe's dtype: the projection is exact
 
@@ -133,14 +135,10 @@ def test_train_cli_refusal_is_one_error_line(caches, tmp_path, capsys):
 def _zero3_rank(rank: int, world: int, port: int, out: str) -> None:
     """Raw then projected text through DeepSpeed ZeRO-3 (2 gloo ranks), the same LoRA student and tied teacher."""
     import json
-    import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    join_gloo_group(rank, world, port)
     import deepspeed
 
-    import diffusers  # noqa: F401  (ZeRO-3 hooks need diffusers and dynamo imported first, as in the worker)
-    import torch._dynamo  # noqa: F401
     from asymflow.convert import convert_transformer
     from asymflow.objective import AsymFlowVRConfig, asymflow_vr_step
     from asymflow.teacher import make_teacher
@@ -153,9 +151,6 @@ def _zero3_rank(rank: int, world: int, port: int, out: str) -> None:
     from tests.asymflow.helpers import random_basis
     from tests.asymflow.test_trainable import tiny_batch
 
-    torch.set_num_threads(1)
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
     train = TrainSection(global_batch=4, micro_batch=2, workers=world, use_gpu=False, lr=1e-3)
     base_layer = build_tiny_transformer(seed=0).context_embedder  # what `prep cache` projects with
     result = {}
@@ -197,8 +192,6 @@ def test_projected_text_under_zero3_trains_bitwise_like_raw(tmp_path):
     import json
 
     import torch.multiprocessing as mp
-
-    from .multinode_helpers import free_ports
 
     mp.start_processes(_zero3_rank, args=(2, free_ports(1)[0], str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
