@@ -6,6 +6,7 @@ that file by bench/report.py. Benchmarks are scripts, never pytest tests (DESIGN
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -239,7 +240,8 @@ def bare_zero3_loop(payload: dict[str, Any]) -> None:
     leaves out is exactly the trainer's per-step machinery: streaming loader, LR warmup bookkeeping, EMA,
     keys gather, metrics, checkpoints, preemption polls. Writes `{out}/rank{r}.json` with per-step seconds
     and ZeRO-3 memory accounting.
-    payload: config (resolved RunConfig dict), steps, out, transformer (optional overrides of the tiny config).
+    payload: config (resolved RunConfig dict), steps, out, transformer (optional overrides of the tiny config),
+    count_gathers (optional: bytes all-gathered per step, frozen vs trainable; `orchestration.frozen_params`).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rss_start = current_rss_bytes()
@@ -259,6 +261,7 @@ def bare_zero3_loop(payload: dict[str, Any]) -> None:
     from data_prep.reader import DatasetIndex
     from orchestration.config import RunConfig
     from orchestration.deepspeed_config import build_deepspeed_config
+    from orchestration.frozen_params import apply_frozen_params, counting_gathers
     from orchestration.loader import RankLoader
     from orchestration.worker import derive_seed
 
@@ -286,6 +289,7 @@ def bare_zero3_loop(payload: dict[str, Any]) -> None:
     groups = param_groups(student, t.lr, t.lr_multipliers, t.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.adam_eps, weight_decay=t.weight_decay)
     ds_config = build_deepspeed_config(t, world, False)
+    replicated_bytes = apply_frozen_params(student, cfg.trainable.frozen_params)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     accum = ds_config["gradient_accumulation_steps"]
     rss_engine = current_rss_bytes()
@@ -297,15 +301,22 @@ def bare_zero3_loop(payload: dict[str, Any]) -> None:
     loader.close()
 
     step_s: list[float] = []
+    gathers: list[dict[str, int]] = []
     for step, micro_batches in enumerate(batches):
         t0 = time.perf_counter()
-        for micro, batch in enumerate(micro_batches):
-            generator = torch.Generator().manual_seed(derive_seed(t.seed, step, rank, micro))
-            loss, _ = asymflow_vr_step(engine, teacher, batch, generator, cfg.objective, perceptual)
-            engine.backward(loss)
-            engine.step()
+        # gather counting wraps DeepSpeed's per-parameter gather functions: only when asked (not in timing baselines)
+        with counting_gathers(engine.module) if payload.get("count_gathers") else contextlib.nullcontext() as count:
+            for micro, batch in enumerate(micro_batches):
+                generator = torch.Generator().manual_seed(derive_seed(t.seed, step, rank, micro))
+                loss, _ = asymflow_vr_step(engine, teacher, batch, generator, cfg.objective, perceptual)
+                engine.backward(loss)
+                engine.step()
         step_s.append(time.perf_counter() - t0)
+        if count is not None:
+            gathers.append(count.snapshot())
     out = {"rank": rank, "world_size": world, "step_s": step_s, "accum": accum, "mode": cfg.trainable.mode,
+           "frozen_params": cfg.trainable.frozen_params, "gathers": gathers, "replicated_bytes": replicated_bytes,
+           "last_loss": loss.item(),
            "rss_start": rss_start, "rss_after_imports": rss_imports, "rss_after_model": rss_model,
            "rss_after_engine": rss_engine, "rss_end": current_rss_bytes(), "peak_rss": peak_rss_bytes(),
            "torch_threads": torch.get_num_threads(), **zero3_accounting(engine, teacher)}
@@ -313,7 +324,8 @@ def bare_zero3_loop(payload: dict[str, Any]) -> None:
     (Path(payload["out"]) / f"rank{rank}.json").write_text(json.dumps(out))
 
 
-def run_bare(cfg, steps: int, out: Path, transformer: dict[str, Any] | None = None, name: str = "bare") -> tuple[float, list[dict]]:
+def run_bare(cfg, steps: int, out: Path, transformer: dict[str, Any] | None = None, name: str = "bare",
+             count_gathers: bool = False) -> tuple[float, list[dict]]:
     """Launch `bare_zero3_loop` the way `asymflow train` launches its workers: Ray Train's TorchTrainer with
     `train.workers` CPU workers (so process group, gloo and per-worker thread settings are the same)."""
     import shutil
@@ -326,7 +338,8 @@ def run_bare(cfg, steps: int, out: Path, transformer: dict[str, Any] | None = No
     storage = out.parent / "ray"
     trainer = TorchTrainer(
         bare_zero3_loop,
-        train_loop_config={"config": cfg.to_dict(), "steps": steps, "out": str(out), "transformer": transformer or {}},
+        train_loop_config={"config": cfg.to_dict(), "steps": steps, "out": str(out), "transformer": transformer or {},
+                           "count_gathers": count_gathers},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=False),
         run_config=RayRunConfig(name=f"{name}-{time.time_ns()}", storage_path=str(storage)),
     )
