@@ -11,6 +11,13 @@ Per rank it reads from DeepSpeed itself: elements of every parameter partition (
 partition, gradient partition and Adam state bytes, the frozen teacher's (unpartitioned) bytes, and peak RSS
 (getrusage) minus the RSS after imports. Baseline for each ZeRO figure: the same quantity at 1 worker (no
 partitioning possible), so ratio ≈ 0.5 means the state is split evenly across 2 ranks.
+
+Frozen-parameter policy (`trainable.frozen_params`, LoRA): the 2-worker LoRA run is repeated with the frozen base
+replicated, both counting the bytes ZeRO-3 all-gathers per optimizer step for frozen vs trainable parameters
+(`orchestration.frozen_params.counting_gathers`: our own count of every parameter in DeepSpeed's all-gather calls,
+ds_numel × element size, split by requires_grad at the start of the step). Both sides of the trade are recorded
+against the partitioned run of the same invocation: weight bytes and peak RSS per rank (memory) vs frozen bytes
+gathered and step time (traffic), plus whether the losses were identical.
 """
 from __future__ import annotations
 
@@ -36,17 +43,19 @@ def main() -> None:
     shutil.rmtree(storage, ignore_errors=True)
     common.init_ray()
     results: dict[tuple[str, int], list[dict]] = {}
-    for mode in ("lora", "full"):
-        for workers in (1, 2):
-            cfg = common.tiny_config(data, storage, f"mem-{mode}-{workers}", [
-                f"train.workers={workers}", f"trainable.mode={mode}", "trainable.lora.rank=32",
-                "trainable.lora.alpha=32.0", f"train.steps={args.steps}"])
-            _, ranks = common.run_bare(cfg, args.steps, storage / f"out-{mode}-{workers}", MID_TRANSFORMER)
-            results[(mode, workers)] = ranks
-            r0 = ranks[0]
-            print(f"  {mode:4s} × {workers}: rank0 params {r0['rank_numel'] / 1e6:.2f}M of {r0['full_numel'] / 1e6:.2f}M, "
-                  f"trainable {r0['trainable_rank_numel'] / 1e6:.2f}M of {r0['trainable_full_numel'] / 1e6:.2f}M, "
-                  f"peak RSS {max(r['peak_rss'] for r in ranks) / MB:.0f} MB  [load {common.load()}]", flush=True)
+    runs = [("lora", 1), ("lora", 2), ("lora-replicated", 2), ("full", 1), ("full", 2)]
+    for mode, workers in runs:
+        policy = "replicated" if mode == "lora-replicated" else "partitioned"
+        cfg = common.tiny_config(data, storage, f"mem-{mode}-{workers}", [
+            f"train.workers={workers}", f"trainable.mode={mode.split('-')[0]}", "trainable.lora.rank=32",
+            "trainable.lora.alpha=32.0", f"train.steps={args.steps}", f"trainable.frozen_params={policy}"])
+        _, ranks = common.run_bare(cfg, args.steps, storage / f"out-{mode}-{workers}", MID_TRANSFORMER,
+                                   count_gathers=mode.startswith("lora") and workers == 2)
+        results[(mode, workers)] = ranks
+        r0 = ranks[0]
+        print(f"  {mode:4s} × {workers}: rank0 params {r0['rank_numel'] / 1e6:.2f}M of {r0['full_numel'] / 1e6:.2f}M, "
+              f"trainable {r0['trainable_rank_numel'] / 1e6:.2f}M of {r0['trainable_full_numel'] / 1e6:.2f}M, "
+              f"peak RSS {max(r['peak_rss'] for r in ranks) / MB:.0f} MB  [load {common.load()}]", flush=True)
 
     config = {"transformer": MID_TRANSFORMER, "lora_rank": 32, "steps": args.steps, "precision": "fp32 (CPU)",
               "launch": "Ray Train TorchTrainer, gloo, DeepSpeed ZeRO-3"}
@@ -70,19 +79,65 @@ def main() -> None:
                                       for w in (1, 2)})
         # All model weights a rank holds: its ZeRO-3 partition of the student + the teacher (tied for LoRA: only its
         # copies of the fully trained modules; a whole copy for full fine-tuning).
-        weights2 = max(r["param_partition_bytes"] + r["teacher_bytes"] for r in two)
-        weights1 = one["param_partition_bytes"] + one["teacher_bytes"]
+        weights2 = max(weight_bytes(r) for r in two)
+        weights1 = weight_bytes(one)
         common.record("zero3_memory", f"{mode}_model_weight_bytes_per_rank_2workers", weights2, weights1,
                       weights2 / weights1, "bytes per rank: student partition + teacher (baseline: 1 worker; "
                       "goal for LoRA ≤ 0.55)", config=config, teacher_bytes=one["teacher_bytes"])
         common.record("zero3_memory", f"{mode}_teacher_bytes_over_full_modules", one["teacher_bytes"],
                       one["full_modules_bytes"], one["teacher_bytes"] / one["full_modules_bytes"],
                       "bytes (teacher's own / the fully trained modules'; goal for LoRA ≤ 1.05)", config=config)
+    record_frozen_policy(results[("lora", 2)], results[("lora-replicated", 2)], results[("lora", 1)][0], config)
     lora, full = results[("lora", 2)], results[("full", 2)]
     lp = max(r["peak_rss"] - r["rss_after_imports"] for r in lora)
     fp = max(r["peak_rss"] - r["rss_after_imports"] for r in full)
     common.record("zero3_memory", "lora_vs_full_peak_rss_above_imports_2workers", lp / MB, fp / MB, lp / fp,
                   "MiB per rank (ratio = LoRA / full fine-tune)", config=config)
+
+
+def weight_bytes(rank: dict) -> int:
+    """All model weights a rank holds: its ZeRO-3 partition + the teacher's own + frozen parameters kept whole."""
+    return rank["param_partition_bytes"] + rank["teacher_bytes"] + rank["replicated_bytes"]
+
+
+def record_frozen_policy(part: list[dict], rep: list[dict], one: dict, config: dict) -> None:
+    """Both sides of trainable.frozen_params at 2 workers, replicated vs partitioned (the baseline, same run).
+
+    Traffic per optimizer step from step 2 on (step 1 records DeepSpeed's trace); time: median step from step 2."""
+    def per_step(ranks: list[dict], key: str) -> float:
+        return max(common.median(g[key] for g in r["gathers"][1:]) for r in ranks)
+
+    def step_s(ranks: list[dict]) -> float:
+        return max(common.median(r["step_s"][1:]) for r in ranks)
+
+    def peak(ranks: list[dict]) -> float:
+        return max(r["peak_rss"] - r["rss_after_imports"] for r in ranks) / MB
+
+    same_loss = [r["last_loss"] for r in part] == [r["last_loss"] for r in rep]
+    frozen_whole = one["full_numel"] * 4 - one["trainable_full_numel"] * 4  # fp32 bytes of the frozen base
+    extra = dict(config=config, accum=part[0]["accum"], frozen_base_bytes=frozen_whole, identical_last_loss=same_loss,
+                 policy="replicated vs partitioned (baseline), LoRA, 2 workers")
+    w_rep, w_part = max(weight_bytes(r) for r in rep), max(weight_bytes(r) for r in part)
+    common.record("zero3_memory", "frozen_replicated_weight_bytes_per_rank", w_rep, w_part, w_rep / w_part,
+                  "bytes per rank, all model weights (memory side of the trade)", **extra,
+                  weight_bytes_1worker=weight_bytes(one))
+    common.record("zero3_memory", "frozen_replicated_peak_rss_above_imports", peak(rep), peak(part),
+                  peak(rep) / peak(part), "MiB per rank, peak RSS − RSS after imports (memory side)", **extra)
+    f_rep, f_part = per_step(rep, "frozen_bytes"), per_step(part, "frozen_bytes")
+    common.record("zero3_memory", "frozen_replicated_frozen_bytes_gathered_per_step", f_rep, f_part,
+                  f_rep / f_part if f_part else None,
+                  "bytes all-gathered per rank per optimizer step for frozen parameters (traffic side; "
+                  "partitioned = baseline)", **extra, frozen_gathers_per_step={
+                      "partitioned": per_step(part, "frozen_gathers"), "replicated": per_step(rep, "frozen_gathers")},
+                  passes_over_frozen_base_per_micro_batch=f_part / frozen_whole / part[0]["accum"])
+    t_rep, t_part = per_step(rep, "trainable_bytes"), per_step(part, "trainable_bytes")
+    common.record("zero3_memory", "frozen_replicated_trainable_bytes_gathered_per_step", t_rep, t_part,
+                  t_rep / t_part if t_part else None,
+                  "bytes all-gathered per rank per optimizer step for trainable parameters (unchanged by the policy)",
+                  **extra)
+    s_rep, s_part = step_s(rep), step_s(part)
+    common.record("zero3_memory", "frozen_replicated_step_seconds", s_rep, s_part, s_rep / s_part,
+                  "s per optimizer step, median from step 2 (traffic side, CPU gloo on one host)", **extra)
 
 
 if __name__ == "__main__":
