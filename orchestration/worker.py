@@ -246,8 +246,10 @@ class Trainer:
 
         from asymflow.trainable import param_groups
         from orchestration.deepspeed_config import build_deepspeed_config
+        from orchestration.frozen_params import apply_frozen_params
 
         t = self.cfg.train
+        apply_frozen_params(self.student, self.cfg.trainable.frozen_params)  # replicated: frozen base outside ZeRO-3
         groups = param_groups(self.student, t.lr, t.lr_multipliers, t.weight_decay)
         self.base_lrs = [g["lr"] for g in groups]
         self.default_group = next((i for i, g in enumerate(groups) if g["name"] == "default"), 0)
