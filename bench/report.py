@@ -45,9 +45,9 @@ FINDINGS = """### Why targets are missed, and what costs (as of the run recorded
 - **Checkpoint save 2.1× DeepSpeed's own save**: on top of the engine files the trainer gathers the full fp32
   trainable tensors and the EMA to rank 0 (`safe_get_full_fp32_param`, `_gather_partition`) and writes them as
   safetensors, then commits with barriers. Resume (restore) costs the same as DeepSpeed's load.
-- **Memory**: every rank builds the whole model un-partitioned before ZeRO-3 partitions it (latent + student +
-  teacher), and the frozen teacher is never partitioned (a full copy per rank) — see zero3_memory and
-  docs/SCALING.md; at 9B that is 18 GB of GPU memory per rank for the teacher alone.
+- **Memory**: every rank builds the whole model un-partitioned before ZeRO-3 partitions it. The LoRA teacher is
+  tied to the student (no second copy; full fine-tuning still keeps a whole frozen copy, 18 GB per rank at 9B) —
+  see zero3_memory and docs/SCALING.md, which also weighs the frozen-parameter policies (memory vs traffic).
 """
 
 NOTES = {
@@ -84,10 +84,16 @@ NOTES = {
                     "blocks, ~47 M parameters, fp32 on CPU), LoRA rank 32 vs full fine-tune, 1 vs 2 workers; the "
                     "partition figures are read from DeepSpeed (ds_tensor, fp32 master partitions, gradient partition "
                     "buffer, Adam state). Every ZeRO quantity halves exactly at 2 workers. Peak RSS does not halve: "
-                    "every rank first builds the whole model un-partitioned (latent + converted student + full teacher "
-                    "copy, see rss_stages_MiB) before deepspeed.initialize partitions it, the frozen teacher is never "
-                    "partitioned, and at 2 workers the all-gathered layer buffers and gloo buffers add a transient "
-                    "peak — for LoRA (little optimizer state to split) that transient outweighs the savings at this size.",
+                    "every rank first builds the whole model un-partitioned (see rss_stages_MiB) before "
+                    "deepspeed.initialize partitions it, and at 2 workers the all-gathered layer buffers and gloo "
+                    "buffers add a transient peak. The LoRA teacher is tied (its own bytes: copies of x_embedder, "
+                    "proj_out, norm_out); full fine-tuning keeps a whole frozen copy per rank. `frozen_replicated_*` "
+                    "rows: LoRA at 2 workers with `trainable.frozen_params: replicated` (frozen base whole on every "
+                    "rank, outside ZeRO-3) against the default partitioned run of the same invocation — memory side "
+                    "(weight bytes, peak RSS) and traffic side (bytes all-gathered per optimizer step for frozen and "
+                    "trainable parameters, counted per parameter in DeepSpeed's gather calls by "
+                    "`orchestration.frozen_params.counting_gathers`; step time on one CPU host, where gloo gathers are "
+                    "memory copies, so traffic costs far less than across GPU nodes).",
     "checkpoint": "Save/load: the real `Trainer.save_checkpoint` / `Trainer.restore` (2 workers, tiny model) vs "
                   "DeepSpeed's `engine.save_checkpoint` / `load_checkpoint` alone, interleaved. Resume: real runs, one "
                   "worker killed after 6 of 10 steps (checkpoint every 4); resume = kill → first step of the "
@@ -145,6 +151,11 @@ TARGETS = [
     ("shard_build_scaling", "images_per_s_2workers_png", "shard building 1 → 2 workers ≥ 1.8×", lambda r: r["ratio"] >= 1.8),
     ("text_cache", "klein_9b_projected_bf16_bytes_per_sample",
      "text cache bytes per sample ≤ 0.35 × today, conditioning exact (9B, projected bf16)", lambda r: r["ratio"] <= 0.35),
+    ("zero3_memory", "lora_model_weight_bytes_per_rank_2workers",
+     "teacher costs no second copy: model weight bytes per rank, 2 / 1 workers ≤ 0.55 (LoRA, frozen partitioned)",
+     lambda r: r["ratio"] <= 0.55),
+    ("zero3_memory", "lora_teacher_bytes_over_full_modules", "…the teacher's own bytes ≤ 1.05 × the fully trained "
+     "modules'", lambda r: r["ratio"] <= 1.05),
     ("sampler", "nfe_to_match_unipc32", "adaptive sampler: NFE to reach 32-step UniPC's error ≤ 0.7 × 32",
      lambda r: r["ratio"] is not None and r["ratio"] <= 0.7),
 ]
