@@ -59,9 +59,10 @@ def convert_family_transformer_with_report(
         expected, latent.state_dict(), surgery_rules(family), basis64, share_weights or owned
     )
     add_subspace_buffers(pixel_sd, report, basis64, scale64, buffer_dtype(latent.dtype))
-    with torch.device("meta"):
+    with torch.device("meta"):  # no random init of a large model: the state dict becomes its storage
         model = pixel_class.from_config(config)
     model.load_state_dict(pixel_sd, strict=True, assign=True)
+    model.rebuild_unsaved_state()
     model.train(latent.training)
     model.conversion_report = report
     return model, report

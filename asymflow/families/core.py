@@ -35,8 +35,9 @@ class ModelFamily:
     q = `latent_patch`); `read_in` / `read_out` say in which order the model itself reads and writes them, so B is
     permuted to each end's order at conversion. A pixel token is a p×p patch of a 3-channel image, p = VAE factor × q.
     `timestep`: what the latent transformer's forward takes, "sigma" (σ ∈ [0,1]; the model may scale it itself) or
-    "t1000" (t = 1000·σ). `latent_normalisation`: "scale_shift" ((z − shift)·scaling, the VAE config's factors) or
-    "batch_norm" (FLUX.2's statistics on 2×2-packed latents).
+    "t1000" (t = 1000·σ). `latent_normalisation`: "scale_shift" ((z − shift)·scaling, the VAE config's factors),
+    "mean_std" ((z − latents_mean)/latents_std per channel, from the VAE config) or "batch_norm" (FLUX.2's
+    statistics on 2×2-packed latents). `latent_config`: the values the latent transformer's config must hold.
     """
 
     name: str
@@ -49,11 +50,12 @@ class ModelFamily:
     vae_factor: int
     read_in: PatchIO
     read_out: PatchIO
-    latent_normalisation: Literal["scale_shift", "batch_norm"]
+    latent_normalisation: Literal["scale_shift", "batch_norm", "mean_std"]
     vae_factors: tuple[float, float] | None  # the released VAE's (scaling, shift); the VAE's own config decides
     timestep: Literal["sigma", "t1000"]
     text_encoders: tuple[str, ...]
     pixel_class_path: str  # "module:Class" of the pixel AsymFlow model, imported when asked for
+    latent_config: tuple[tuple[str, tuple[Any, ...]], ...]  # (config key, allowed values): the token geometry
     full_modules: tuple[str, ...]  # trained in full next to a LoRA (spec §9): the patch read-in/out and norm_out
     lora_targets: tuple[str, ...]  # PEFT full-match regexes of the LoRA-adapted Linear layers (any block count)
 
@@ -86,18 +88,11 @@ class ModelFamily:
 
     def check_latent_config(self, config: Mapping[str, Any]) -> None:
         """Refuse a latent config whose token geometry is not this family's (a ValueError naming the key)."""
-        packed = self.read_in.kind == "linear"
-        expected = {
-            "patch_size": 1 if packed else self.latent_patch,  # packed families patch before the model
-            "in_channels": self.latent_dim if packed else self.latent_channels,
-        }
-        for key, want in expected.items():
+        for key, allowed in self.latent_config:
             got = config.get(key)
-            if got != want:
+            if got not in allowed:
+                want = " or ".join(str(value) for value in allowed)
                 raise ValueError(f"{self.transformer_class} config has {key}={got}; the {self.name} family needs {want}")
-        out = config.get("out_channels") or config["in_channels"]
-        if out != config["in_channels"]:
-            raise ValueError(f"latent in_channels={config['in_channels']} and out_channels={out} differ")
 
 
 def order_index(channels: int, patch: int, order: FeatureOrder) -> torch.Tensor:

@@ -16,14 +16,20 @@ from .core import ModelFamily
 def family_latents(family: ModelFamily, vae, images: torch.Tensor) -> torch.Tensor:
     """RGB images in [−1,1] [B,3,H,W] → the family's normalised latent image [B, C_lat, H/f, W/f] (posterior mode).
 
-    "scale_shift": (z − shift_factor)·scaling_factor with the VAE config's factors (FLUX.1, SD3 pipelines).
+    "scale_shift": (z − shift_factor)·scaling_factor with the VAE config's factors (FLUX.1, SD3 pipelines);
+    "mean_std": (z − latents_mean)/latents_std per channel (Qwen-Image; its VAE encodes [B,3,T=1,H,W] videos).
     """
-    if family.latent_normalisation != "scale_shift":
-        raise ValueError(f"{family.name} normalises packed latents; use latent_tokens")
     param = next(vae.parameters())
-    latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mode()
-    shift = vae.config.shift_factor or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    images = images.to(param.device, param.dtype)
+    if family.latent_normalisation == "scale_shift":
+        latents = vae.encode(images).latent_dist.mode()
+        return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    if family.latent_normalisation == "mean_std":
+        latents = vae.encode(images[:, :, None]).latent_dist.mode()[:, :, 0]
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        return (latents - mean) / std
+    raise ValueError(f"{family.name} normalises packed latents; use latent_tokens")
 
 
 def latent_tokens(family: ModelFamily, vae, images: torch.Tensor) -> torch.Tensor:

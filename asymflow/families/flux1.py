@@ -19,6 +19,7 @@ FLUX1 = ModelFamily(
     timestep="sigma",  # the forward multiplies σ (and the guidance scale) by 1000 itself
     text_encoders=("CLIPTextModel (pooled)", "T5EncoderModel"),
     pixel_class_path="asymflow.families.flux1_model:AsymFluxTransformer2DModel",
+    latent_config=(("patch_size", (1,)), ("in_channels", (64,)), ("out_channels", (None, 64))),
     full_modules=("x_embedder", "proj_out", "norm_out"),
     # FLUX.2's recipe set on FLUX.1's names: double-block MLPs, timestep embedder, single blocks' fused output.
     lora_targets=(

@@ -6,11 +6,10 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.configuration_utils import register_to_config
-from torch import nn
 
 from asymflow.parameterisation import SIGMA_MIN_EVAL_FLUX2
 
-from .pixel import AsymFlowPixelMixin, check_pixel_config, parent_kwargs
+from .pixel import AsymFlowPixelMixin
 
 
 def flux1_image_ids(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
@@ -48,11 +47,7 @@ class AsymFluxTransformer2DModel(AsymFlowPixelMixin, FluxTransformer2DModel):
         sigma_min: float = SIGMA_MIN_EVAL_FLUX2,
         num_timesteps: int = 1,
     ):
-        dim = check_pixel_config(in_channels, out_channels, patch_size, base_rank, sigma_min, num_timesteps)
-        super().__init__(**parent_kwargs(FluxTransformer2DModel, locals()))
-        # The parent embeds `in_channels` features per token; pixel tokens are whole C·p² patches.
-        self.x_embedder = nn.Linear(dim, self.inner_dim)
-        self.init_subspace_buffers(dim, base_rank)
+        self.init_pixel_backbone(FluxTransformer2DModel, locals())
 
     def _backbone(
         self,

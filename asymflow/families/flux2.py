@@ -21,6 +21,7 @@ FLUX2 = ModelFamily(
     timestep="sigma",
     text_encoders=("Qwen3ForCausalLM (hidden states of 3 layers)",),
     pixel_class_path="asymflow.model:AsymFlux2Transformer2DModel",
+    latent_config=(("patch_size", (1,)), ("in_channels", (128,)), ("out_channels", (None, 128))),
     full_modules=FULL_MODULES,
     lora_targets=FLUX2_LORA_TARGETS,
 )

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
 
 from asymflow.parameterisation import (
     SIGMA_MIN_EVAL_FLUX2,
@@ -71,6 +72,23 @@ class AsymFlowPixelMixin:
     def init_subspace_buffers(self, dim: int, base_rank: int) -> None:
         self.register_buffer("proj_buffer", torch.eye(dim, base_rank, dtype=torch.float32))  # [I_r; 0]
         self.register_buffer("scale_buffer", torch.tensor(1.0, dtype=torch.float32))
+
+    def init_pixel_backbone(self, parent: type, values: Mapping[str, Any]) -> None:
+        """The body of a pixel class's `__init__` (`values` = its `locals()`): check the AsymFlow keys, build the
+        `parent` backbone from its own arguments, give a linear read-in C·p² inputs (its bias kept; a conv read-in
+        already has kernel p on C channels), and add B and s."""
+        keys = ("in_channels", "out_channels", "patch_size", "base_rank", "sigma_min", "num_timesteps")
+        dim = check_pixel_config(*(values[key] for key in keys))
+        parent.__init__(self, **parent_kwargs(parent, values))
+        read_in = self.family().read_in
+        if read_in.kind == "linear":  # the parent embeds `in_channels` features per token
+            bias = self.get_submodule(read_in.module).bias is not None
+            self.set_submodule(read_in.module, nn.Linear(dim, self.inner_dim, bias=bias))
+        self.init_subspace_buffers(dim, values["base_rank"])
+
+    def rebuild_unsaved_state(self) -> None:
+        """Rebuild tensors a module keeps outside its state dict, after a build on the meta device took the state
+        dict as storage (they would still be meta). None here; families with such tensors override it."""
 
     @classmethod
     def pixel_overrides(cls, latent_config: Mapping[str, Any]) -> dict[str, Any]:

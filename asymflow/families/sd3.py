@@ -20,6 +20,7 @@ SD3 = ModelFamily(
     timestep="t1000",
     text_encoders=("CLIPTextModelWithProjection (L)", "CLIPTextModelWithProjection (G)", "T5EncoderModel"),
     pixel_class_path="asymflow.families.sd3_model:AsymSD3Transformer2DModel",
+    latent_config=(("patch_size", (2,)), ("in_channels", (16,)), ("out_channels", (None, 16))),
     full_modules=("pos_embed.proj", "proj_out", "norm_out"),
     # FLUX.2's recipe set on SD3's names (no single blocks: the joint blocks' attention output instead).
     lora_targets=(

@@ -11,7 +11,7 @@ from diffusers.configuration_utils import register_to_config
 from asymflow.parameterisation import SIGMA_MIN_EVAL_FLUX2
 from asymflow.patching import patchify, unpatchify
 
-from .pixel import AsymFlowPixelMixin, check_pixel_config, parent_kwargs
+from .pixel import AsymFlowPixelMixin
 
 
 class AsymSD3Transformer2DModel(AsymFlowPixelMixin, SD3Transformer2DModel):
@@ -45,9 +45,7 @@ class AsymSD3Transformer2DModel(AsymFlowPixelMixin, SD3Transformer2DModel):
         sigma_min: float = SIGMA_MIN_EVAL_FLUX2,
         num_timesteps: int = 1,
     ):
-        dim = check_pixel_config(in_channels, out_channels, patch_size, base_rank, sigma_min, num_timesteps)
-        super().__init__(**parent_kwargs(SD3Transformer2DModel, locals()))
-        self.init_subspace_buffers(dim, base_rank)
+        self.init_pixel_backbone(SD3Transformer2DModel, locals())
 
     @classmethod
     def pixel_overrides(cls, latent_config: Mapping[str, Any]) -> dict[str, Any]:

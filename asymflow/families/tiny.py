@@ -36,11 +36,21 @@ TINY_TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
         dual_attention_layers=(0,),  # SD3.5's dual attention in the first block
         qk_norm="rms_norm",  # SD3.5
     ),
+    "qwen_image": dict(
+        patch_size=2,
+        in_channels=64,  # 16 latent channels × 2×2 packing
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_TEXT_WIDTH,
+        axes_dims_rope=(4, 6, 6),
+    ),
 }
 
 
 def build_tiny_family_transformer(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A random latent transformer of `family` ("flux1" | "sd3"), deterministic in seed."""
+    """A random latent transformer of `family` ("flux1" | "sd3" | "qwen_image"), deterministic in seed."""
     from .registry import get_family
 
     if family not in TINY_TRANSFORMER_CONFIGS:
@@ -53,13 +63,19 @@ def build_tiny_family_transformer(family: str, seed: int = 0, **overrides: Any) 
 
 
 def build_tiny_family_vae(family: str, seed: int = 0) -> torch.nn.Module:
-    """A random AutoencoderKL (8× down, 16 latent channels, no quant convs) with the family's released
-    scaling/shift factors."""
-    from diffusers import AutoencoderKL
+    """The family's VAE class, random, 8× down, 16 latent channels: an AutoencoderKL (no quant convs) with the
+    family's released scaling/shift factors, or Qwen-Image's AutoencoderKLQwenImage with its latent statistics."""
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 
     from .registry import get_family
 
     spec = get_family(family)
+    if spec.vae_class == "AutoencoderKLQwenImage":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderKLQwenImage(base_dim=8, z_dim=spec.latent_channels, dim_mult=[1, 2, 2, 2],
+                                         num_res_blocks=1, temperal_downsample=[False, False, False])
+        return vae.eval()
     if spec.vae_class != "AutoencoderKL" or spec.vae_factors is None:
         raise ValueError(f"family {family!r} does not use a scaled AutoencoderKL")
     scaling, shift = spec.vae_factors

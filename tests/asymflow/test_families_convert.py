@@ -1,11 +1,12 @@
-"""Other latent families (issue 15): seamless-init identity (spec §5.3) of FLUX.1 and SD3 on tiny random instances of
-the real diffusers classes, with B and s fitted from each family's real VAE class, and the save/load round trip."""
+"""Other latent families (issue 15): seamless-init identity (spec §5.3) of FLUX.1, SD3 and Qwen-Image on tiny random
+instances of the real diffusers classes, with B and s fitted from each family's real VAE class, the save/load round
+trip, LoRA targets."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, QwenImagePipeline
 
 from asymflow.families import detect_family, get_family
 from asymflow.families.conversion import convert_family_transformer, convert_family_transformer_with_report
@@ -21,7 +22,7 @@ from asymflow.patching import patchify, unpatchify
 from tests.asymflow.helpers import random_basis, seamless_errors_from_outputs
 from tests.asymflow.test_convert import single_thread  # noqa: F401  (autouse fixture)
 
-FAMILIES = ("flux1", "sd3")
+FAMILIES = ("flux1", "sd3", "qwen_image")
 P, RANK = 16, 64  # VAE factor 8 × latent patch 2; 16 channels × 2×2
 H, W, L = 32, 48, 5  # a 2×3 token grid, 5 text tokens
 SIGMAS = (0.05, 0.3, 0.77, 1.0)
@@ -31,6 +32,10 @@ GUIDANCE = 3.5
 def conditioning(family: str, batch: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, dict]:
     gen = torch.Generator().manual_seed(seed)
     text = torch.randn(batch, L, TINY_TEXT_WIDTH, generator=gen, dtype=torch.float64).to(dtype)
+    if family == "qwen_image":  # a text mask instead of pooled projections; the last sample's prompt is shorter
+        mask = torch.ones(batch, L, dtype=torch.bool)
+        mask[-1, L - 2 :] = False
+        return text, {"encoder_hidden_states_mask": mask}
     extra = {"pooled_projections": torch.randn(batch, TINY_POOLED_WIDTH, generator=gen, dtype=torch.float64).to(dtype)}
     if family == "flux1":
         extra["guidance"] = torch.full((batch,), GUIDANCE, dtype=dtype)
@@ -42,8 +47,19 @@ def latent_velocity(family: str, latent, z: torch.Tensor, sigma_cal: torch.Tenso
     on the latent image whose 2×2 channel-first patches are the tokens z."""
     dtype = latent.dtype
     image = unpatchify(z, 2, H // 8, W // 8, "channel_first").to(dtype)  # [B,16,H/8,W/8]
-    kwargs = {name: value.to(dtype) for name, value in extra.items()}
-    if family == "flux1":  # FluxPipeline: packed tokens, σ (scaled ×1000 inside), ids from its own helpers
+    kwargs = {name: value.to(dtype) if value.is_floating_point() else value for name, value in extra.items()}
+    batch = z.shape[0]
+    if family == "qwen_image":  # QwenImagePipeline: packed tokens, timestep t/1000 = σ, one frame of h×w tokens
+        out = latent(
+            hidden_states=QwenImagePipeline._pack_latents(image, batch, 16, H // 8, W // 8),
+            encoder_hidden_states=text.to(dtype),
+            timestep=sigma_cal.to(dtype),
+            img_shapes=[[(1, H // 16, W // 16)]] * batch,
+            return_dict=False,
+            **kwargs,
+        )[0]
+        out = QwenImagePipeline._unpack_latents(out, H, W, vae_scale_factor=8)[:, :, 0]
+    elif family == "flux1":  # FluxPipeline: packed tokens, σ (scaled ×1000 inside), ids from its own helpers
         batch = z.shape[0]
         out = latent(
             hidden_states=FluxPipeline._pack_latents(image, batch, 16, H // 8, W // 8),
@@ -214,6 +230,7 @@ def test_lora_targets_and_full_modules(family_setup) -> None:
         "asymflow.trainable matches a full module at any depth, so full module 'proj_out' also trains every "
         "single_transformer_blocks.N.proj_out of FLUX.1 in full; to fix with the family's training integration"))),
     "sd3",
+    "qwen_image",
 ])
 def test_only_lora_and_full_modules_train(name: str) -> None:
     family = get_family(name)

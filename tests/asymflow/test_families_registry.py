@@ -19,7 +19,8 @@ from tests.asymflow.test_convert import single_thread  # noqa: F401  (autouse fi
 
 
 @pytest.mark.parametrize(
-    ("name", "patch", "dim", "rank"), [("flux2", 16, 768, 128), ("flux1", 16, 768, 64), ("sd3", 16, 768, 64)]
+    ("name", "patch", "dim", "rank"),
+    [("flux2", 16, 768, 128), ("flux1", 16, 768, 64), ("sd3", 16, 768, 64), ("qwen_image", 16, 768, 64)],
 )
 def test_geometry(name: str, patch: int, dim: int, rank: int) -> None:
     """p = VAE factor 8 × latent patch 2; D = 3·p²; r = latent channels × 2² (32 for FLUX.2, 16 for FLUX.1/SD3)."""
@@ -29,6 +30,7 @@ def test_geometry(name: str, patch: int, dim: int, rank: int) -> None:
 
 def test_timestep_conventions() -> None:
     assert get_family("flux1").timestep_scale == get_family("flux2").timestep_scale == 1.0
+    assert get_family("qwen_image").timestep_scale == 1.0
     assert get_family("sd3").timestep_scale == 1000.0
 
 
@@ -71,6 +73,7 @@ def write_json(path, data) -> None:
         ("FluxPipeline", "FluxTransformer2DModel", "flux1"),
         ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "sd3"),
         ("Flux2KleinPipeline", "Flux2Transformer2DModel", "flux2"),
+        ("QwenImagePipeline", "QwenImageTransformer2DModel", "qwen_image"),
     ],
 )
 def test_detect_from_pipeline_directory(tmp_path, pipeline: str, transformer: str, expected: str) -> None:
@@ -95,7 +98,7 @@ def test_detect_from_transformer_config(tmp_path) -> None:
 def test_detect_refuses_unknown_models(tmp_path) -> None:
     write_json(tmp_path / "sana" / "model_index.json",
                {"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]})
-    with pytest.raises(ValueError, match=r"SanaTransformer2DModel.*supported families: flux2 .*flux1 .*sd3 "):
+    with pytest.raises(ValueError, match=r"SanaTransformer2DModel.*supported families: flux2 .*flux1 .*sd3 .*qwen_image "):
         detect_family(tmp_path / "sana")
     with pytest.raises(ValueError, match="supported families"):
         detect_family({"_class_name": "UNet2DConditionModel"})
@@ -110,8 +113,8 @@ def test_detect_refuses_unknown_models(tmp_path) -> None:
 
 
 def test_get_family_names_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match="unknown model family 'qwen_image'; supported families: flux2"):
-        get_family("qwen_image")
+    with pytest.raises(ValueError, match="unknown model family 'sana'; supported families: flux2"):
+        get_family("sana")
 
 
 @pytest.mark.parametrize(
@@ -120,7 +123,8 @@ def test_get_family_names_the_supported_ones() -> None:
         ("flux1", {"in_channels": 32}, "in_channels=32; the flux1 family needs 64"),
         ("flux1", {"patch_size": 2, "in_channels": 16}, "patch_size=2; the flux1 family needs 1"),
         ("sd3", {"patch_size": 1}, "patch_size=1; the sd3 family needs 2"),
-        ("sd3", {"out_channels": 8}, "out_channels=8 differ"),
+        ("sd3", {"out_channels": 8}, "out_channels=8; the sd3 family needs None or 16"),
+        ("qwen_image", {"out_channels": None}, "out_channels=None; the qwen_image family needs 16"),
     ],
 )
 def test_rejects_latent_geometry_of_another_family(name: str, overrides: dict, message: str) -> None:
