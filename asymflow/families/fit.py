@@ -16,14 +16,15 @@ from .core import ModelFamily
 def family_latents(family: ModelFamily, vae, images: torch.Tensor) -> torch.Tensor:
     """RGB images in [−1,1] [B,3,H,W] → the family's normalised latent image [B, C_lat, H/f, W/f] (posterior mode).
 
-    "scale_shift": (z − shift_factor)·scaling_factor with the VAE config's factors (FLUX.1, SD3 pipelines);
+    "scale_shift": (z − shift_factor)·scaling_factor with the VAE config's factors (FLUX.1, SD3, Sana pipelines);
     "mean_std": (z − latents_mean)/latents_std per channel (Qwen-Image; its VAE encodes [B,3,T=1,H,W] videos).
     """
     param = next(vae.parameters())
     images = images.to(param.device, param.dtype)
     if family.latent_normalisation == "scale_shift":
-        latents = vae.encode(images).latent_dist.mode()
-        return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        encoded = vae.encode(images)
+        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latent  # DC-AE: no dist
+        return (latents - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
     if family.latent_normalisation == "mean_std":
         latents = vae.encode(images[:, :, None]).latent_dist.mode()[:, :, 0]
         mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)

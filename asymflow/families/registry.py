@@ -5,9 +5,10 @@ from .core import ModelFamily
 from .flux1 import FLUX1
 from .flux2 import FLUX2
 from .qwen_image import QWEN_IMAGE
+from .sana import SANA
 from .sd3 import SD3
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX2, FLUX1, SD3, QWEN_IMAGE)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX2, FLUX1, SD3, QWEN_IMAGE, SANA)}
 
 
 def supported_families() -> str:

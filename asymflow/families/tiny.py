@@ -46,11 +46,24 @@ TINY_TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
         joint_attention_dim=TINY_TEXT_WIDTH,
         axes_dims_rope=(4, 6, 6),
     ),
+    "sana": dict(
+        in_channels=32,
+        out_channels=32,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=16,
+        cross_attention_dim=32,
+        caption_channels=TINY_TEXT_WIDTH,
+        sample_size=8,
+        patch_size=1,
+    ),
 }
 
 
 def build_tiny_family_transformer(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A random latent transformer of `family` ("flux1" | "sd3" | "qwen_image"), deterministic in seed."""
+    """A random latent transformer of `family` ("flux1" | "sd3" | "qwen_image" | "sana"), deterministic in seed."""
     from .registry import get_family
 
     if family not in TINY_TRANSFORMER_CONFIGS:
@@ -63,13 +76,23 @@ def build_tiny_family_transformer(family: str, seed: int = 0, **overrides: Any) 
 
 
 def build_tiny_family_vae(family: str, seed: int = 0) -> torch.nn.Module:
-    """The family's VAE class, random, 8× down, 16 latent channels: an AutoencoderKL (no quant convs) with the
-    family's released scaling/shift factors, or Qwen-Image's AutoencoderKLQwenImage with its latent statistics."""
-    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+    """The family's VAE class, random: an AutoencoderKL (8× down, 16 channels, no quant convs) with the family's
+    released scaling/shift factors, Qwen-Image's AutoencoderKLQwenImage with its latent statistics, or Sana's
+    AutoencoderDC (32× down, 32 channels) with its scaling factor."""
+    from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLQwenImage
 
     from .registry import get_family
 
     spec = get_family(family)
+    if spec.vae_class == "AutoencoderDC":  # 32× down: six stages
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderDC(latent_channels=spec.latent_channels, attention_head_dim=8,
+                                encoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+                                decoder_block_out_channels=(8, 8, 16, 16, 32, 32), encoder_layers_per_block=(1,) * 6,
+                                decoder_layers_per_block=(1,) * 6, encoder_qkv_multiscales=((),) * 6,
+                                decoder_qkv_multiscales=((),) * 6, scaling_factor=spec.vae_factors[0])
+        return vae.eval()
     if spec.vae_class == "AutoencoderKLQwenImage":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -1,6 +1,6 @@
-"""Other latent families (issue 15): seamless-init identity (spec §5.3) of FLUX.1, SD3 and Qwen-Image on tiny random
-instances of the real diffusers classes, with B and s fitted from each family's real VAE class, the save/load round
-trip, LoRA targets."""
+"""Other latent families (issue 15): seamless-init identity (spec §5.3) of FLUX.1, SD3, Qwen-Image and Sana on tiny
+random instances of the real diffusers classes, with B and s fitted from each family's real VAE class, the save/load
+round trip, LoRA targets."""
 from __future__ import annotations
 
 import pytest
@@ -22,9 +22,8 @@ from asymflow.patching import patchify, unpatchify
 from tests.asymflow.helpers import random_basis, seamless_errors_from_outputs
 from tests.asymflow.test_convert import single_thread  # noqa: F401  (autouse fixture)
 
-FAMILIES = ("flux1", "sd3", "qwen_image")
-P, RANK = 16, 64  # VAE factor 8 × latent patch 2; 16 channels × 2×2
-H, W, L = 32, 48, 5  # a 2×3 token grid, 5 text tokens
+FAMILIES = ("flux1", "sd3", "qwen_image", "sana")
+L = 5  # text tokens
 SIGMAS = (0.05, 0.3, 0.77, 1.0)
 GUIDANCE = 3.5
 
@@ -32,21 +31,27 @@ GUIDANCE = 3.5
 def conditioning(family: str, batch: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, dict]:
     gen = torch.Generator().manual_seed(seed)
     text = torch.randn(batch, L, TINY_TEXT_WIDTH, generator=gen, dtype=torch.float64).to(dtype)
-    if family == "qwen_image":  # a text mask instead of pooled projections; the last sample's prompt is shorter
+    if family in ("qwen_image", "sana"):  # a text mask, no pooled projections; the last sample's prompt is shorter
         mask = torch.ones(batch, L, dtype=torch.bool)
         mask[-1, L - 2 :] = False
-        return text, {"encoder_hidden_states_mask": mask}
+        return text, {"encoder_hidden_states_mask" if family == "qwen_image" else "encoder_attention_mask": mask}
     extra = {"pooled_projections": torch.randn(batch, TINY_POOLED_WIDTH, generator=gen, dtype=torch.float64).to(dtype)}
     if family == "flux1":
         extra["guidance"] = torch.full((batch,), GUIDANCE, dtype=dtype)
     return text, extra
 
 
+def image_size(name: str) -> tuple[int, int]:
+    """H, W of a 2×3 grid of pixel patches."""
+    p = get_family(name).pixel_patch
+    return 2 * p, 3 * p
+
+
 def latent_velocity(family: str, latent, z: torch.Tensor, sigma_cal: torch.Tensor, text, extra) -> torch.Tensor:
-    """G(z, σ̃) as channel-first latent tokens [B,N,64]: the latent model called the way its own pipeline calls it,
-    on the latent image whose 2×2 channel-first patches are the tokens z."""
-    dtype = latent.dtype
-    image = unpatchify(z, 2, H // 8, W // 8, "channel_first").to(dtype)  # [B,16,H/8,W/8]
+    """G(z, σ̃) as channel-first latent tokens [B,N,r]: the latent model called the way its own pipeline calls it,
+    on the latent image whose q×q channel-first patches are the tokens z."""
+    dtype, spec, (H, W) = latent.dtype, get_family(family), image_size(family)
+    image = unpatchify(z, spec.latent_patch, H // spec.vae_factor, W // spec.vae_factor, "channel_first").to(dtype)
     kwargs = {name: value.to(dtype) if value.is_floating_point() else value for name, value in extra.items()}
     batch = z.shape[0]
     if family == "qwen_image":  # QwenImagePipeline: packed tokens, timestep t/1000 = σ, one frame of h×w tokens
@@ -71,10 +76,10 @@ def latent_velocity(family: str, latent, z: torch.Tensor, sigma_cal: torch.Tenso
             **kwargs,
         )[0]
         out = FluxPipeline._unpack_latents(out, H, W, vae_scale_factor=8)
-    else:  # StableDiffusion3Pipeline: the latent image and t = 1000·σ
+    else:  # StableDiffusion3Pipeline, SanaPipeline: the latent image and t = 1000·σ (Sana's timestep_scale is 1)
         out = latent(hidden_states=image, encoder_hidden_states=text.to(dtype), timestep=1000 * sigma_cal.to(dtype),
                      return_dict=False, **kwargs)[0]
-    return patchify(out, 2, "channel_first")
+    return patchify(out, spec.latent_patch, "channel_first")
 
 
 def sample_images(count: int = 6, size: int = 128) -> torch.Tensor:
@@ -101,16 +106,16 @@ def seamless_errors(name: str, latent, basis: torch.Tensor, scale: float, dtype:
     """(‖x̂_0^pix − s·B·(y_z − σ̃·G(y_z, σ̃))‖, ‖P⊥x̂_0^pix‖) relative to ‖x̂_0‖, worst over SIGMAS, checking both the
     x0 form and x_t − σ·û of the velocity form (as test_convert does for FLUX.2)."""
     pixel = convert_family_transformer(get_family(name), latent, basis, scale).eval()
-    batch = len(SIGMAS)
+    batch, (H, W), p = len(SIGMAS), image_size(name), get_family(name).pixel_patch
     x_t = torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
     text, extra = conditioning(name, batch, dtype)
     sigma = torch.tensor(SIGMAS, dtype=dtype)
     with torch.no_grad():
         x0, u = pixel.predict_x0(x_t, sigma, text, **extra), pixel(x_t, sigma, text, **extra)
         k, sigma_cal = calibrate(sigma, scale)
-        y_z = k.view(batch, 1, 1) * (patchify(x_t, P) @ basis.to(dtype))
+        y_z = k.view(batch, 1, 1) * (patchify(x_t, p) @ basis.to(dtype))
         z0 = y_z - sigma_cal.view(batch, 1, 1) * latent_velocity(name, latent, y_z, sigma_cal, text, extra).to(dtype)
-    return seamless_errors_from_outputs(x_t, sigma, x0, u, z0, basis, scale, P)
+    return seamless_errors_from_outputs(x_t, sigma, x0, u, z0, basis, scale, p)
 
 
 def test_seamless_init_fp32_with_fitted_subspace(family_setup) -> None:
@@ -123,13 +128,15 @@ def test_seamless_init_fp32_with_fitted_subspace(family_setup) -> None:
 def test_seamless_init_fp64(family_setup, scale: float) -> None:
     """Exact up to fp64 rounding: a wrong token order at either end (e.g. SD3's channel-last read-out) is O(1)."""
     name, latent, _, _ = family_setup
-    rel, comp = seamless_errors(name, latent.to(torch.float64), random_basis(768, RANK), scale, torch.float64)
+    family = get_family(name)
+    basis = random_basis(family.pixel_dim, family.latent_dim)
+    rel, comp = seamless_errors(name, latent.to(torch.float64), basis, scale, torch.float64)
     latent.to(torch.float32)
     assert rel < 1e-10 and comp < 1e-10
 
 
 def test_fitted_subspace_is_the_procrustes_solution(family_setup) -> None:
-    """B maximises tr(Bᵀ·XᵀZ) over orthonormal [768, 64] (its value is the nuclear norm of ZᵀX) and s² is the
+    """B maximises tr(Bᵀ·XᵀZ) over orthonormal [D, r] (its value is the nuclear norm of XᵀZ) and s² is the
     energy ratio tr(BᵀXᵀXB)/Σ‖z‖² (spec §4.2), for the family's own latent tokens paired with Oklab pixel tokens."""
     from asymflow.families.fit import latent_tokens, pixel_tokens
 
@@ -138,9 +145,10 @@ def test_fitted_subspace_is_the_procrustes_solution(family_setup) -> None:
     images = sample_images()
     z = latent_tokens(family, build_tiny_family_vae(name), images).flatten(0, 1).double()
     x = pixel_tokens(family, images).flatten(0, 1).double()
-    assert z.shape == (6 * 8 * 8, RANK) and x.shape == (6 * 8 * 8, 768)
-    assert torch.allclose(basis.T @ basis, torch.eye(RANK, dtype=torch.float64), atol=1e-10)
-    cross = x.T @ z  # [768, 64]
+    tokens = 6 * (128 // family.pixel_patch) ** 2  # six 128² photos
+    assert z.shape == (tokens, family.latent_dim) and x.shape == (tokens, family.pixel_dim)
+    assert torch.allclose(basis.T @ basis, torch.eye(family.latent_dim, dtype=torch.float64), atol=1e-10)
+    cross = x.T @ z  # [D, r]
     assert torch.trace(basis.T @ cross).item() == pytest.approx(torch.linalg.svdvals(cross).sum().item(), rel=1e-9)
     assert scale**2 == pytest.approx((torch.trace(basis.T @ x.T @ x @ basis) / (z * z).sum()).item(), rel=1e-9)
 
@@ -169,12 +177,12 @@ def test_save_load_round_trip(tmp_path, family_setup) -> None:
     pixel = convert_family_transformer(family, latent, basis, scale).eval()
     pixel.save_pretrained(tmp_path / "pixel")
     loaded = family.pixel_class().from_pretrained(tmp_path / "pixel").eval()
-    x_t = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(4))
+    x_t = torch.randn(2, 3, *image_size(name), generator=torch.Generator().manual_seed(4))
     text, extra = conditioning(name, 2, torch.float32)
     with torch.no_grad():
         assert torch.equal(loaded(x_t, torch.tensor([0.2, 0.9]), text, **extra),
                            pixel(x_t, torch.tensor([0.2, 0.9]), text, **extra))
-    assert loaded.config.base_rank == RANK and loaded.config.patch_size == P
+    assert loaded.config.base_rank == family.latent_dim and loaded.config.patch_size == family.pixel_patch
     half = family.pixel_class().from_pretrained(tmp_path / "pixel", torch_dtype=torch.bfloat16)
     assert half.proj_buffer.dtype == half.scale_buffer.dtype == torch.float32
     assert torch.equal(half.proj_buffer, basis.to(torch.float32))
@@ -188,11 +196,16 @@ def test_converts_from_a_local_directory(tmp_path, family_setup) -> None:
     assert detect_family(tmp_path / "latent") is family
     from_dir = convert_family_transformer(family, tmp_path / "latent", basis, scale).eval()
     from_obj = convert_family_transformer(family, latent, basis, scale).eval()
-    x_t = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(4))
+    x_t = torch.randn(2, 3, *image_size(name), generator=torch.Generator().manual_seed(4))
     text, extra = conditioning(name, 2, torch.float32)
     with torch.no_grad():
         assert torch.equal(from_dir(x_t, 0.5, text, **extra), from_obj(x_t, 0.5, text, **extra))
 
+
+
+def owned_by(name: str, module: str) -> bool:
+    """The parameter `name` is `module` itself or lies inside it, counted from the model's root."""
+    return name == module or name.startswith(module + ".")
 
 
 def lora_student(name: str, latent, basis: torch.Tensor, scale: float):
@@ -218,8 +231,8 @@ def test_lora_targets_and_full_modules(family_setup) -> None:
     adapted = {n.split(".lora_A.")[0] for n, _ in student.named_parameters() if ".lora_A." in n}
     assert all(any(re.fullmatch(target, module) for module in adapted) for target in family.lora_targets)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
-    assert {m for m in family.full_modules for n in trainable if n.startswith(m + ".")} == set(family.full_modules)
-    x_t = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(5))
+    assert {m for m in family.full_modules for n in trainable if owned_by(n, m)} == set(family.full_modules)
+    x_t = torch.randn(2, 3, *image_size(name), generator=torch.Generator().manual_seed(5))
     text, extra = conditioning(name, 2, torch.float32)
     with torch.no_grad():
         assert torch.equal(student(x_t, 0.6, text, **extra), pixel(x_t, 0.6, text, **extra))
@@ -231,9 +244,13 @@ def test_lora_targets_and_full_modules(family_setup) -> None:
         "single_transformer_blocks.N.proj_out of FLUX.1 in full; to fix with the family's training integration"))),
     "sd3",
     "qwen_image",
+    pytest.param("sana", marks=pytest.mark.xfail(strict=True, reason=(
+        "the same any-depth match: full module 'scale_shift_table' (Sana's output modulation) also trains every "
+        "transformer_blocks.N.scale_shift_table"))),
 ])
 def test_only_lora_and_full_modules_train(name: str) -> None:
     family = get_family(name)
-    _, student = lora_student(name, build_tiny_family_transformer(name), random_basis(768, RANK), 1.0)
+    basis = random_basis(family.pixel_dim, family.latent_dim)
+    _, student = lora_student(name, build_tiny_family_transformer(name), basis, 1.0)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
-    assert all(".lora_" in n or any(n.startswith(m + ".") for m in family.full_modules) for n in trainable)
+    assert all(".lora_" in n or any(owned_by(n, m) for m in family.full_modules) for n in trainable)

@@ -20,10 +20,11 @@ from tests.asymflow.test_convert import single_thread  # noqa: F401  (autouse fi
 
 @pytest.mark.parametrize(
     ("name", "patch", "dim", "rank"),
-    [("flux2", 16, 768, 128), ("flux1", 16, 768, 64), ("sd3", 16, 768, 64), ("qwen_image", 16, 768, 64)],
+    [("flux2", 16, 768, 128), ("flux1", 16, 768, 64), ("sd3", 16, 768, 64), ("qwen_image", 16, 768, 64),
+     ("sana", 32, 3072, 32)],
 )
 def test_geometry(name: str, patch: int, dim: int, rank: int) -> None:
-    """p = VAE factor 8 × latent patch 2; D = 3·p²; r = latent channels × 2² (32 for FLUX.2, 16 for FLUX.1/SD3)."""
+    """p = VAE factor × latent patch (8 × 2, Sana's DC-AE 32 × 1); D = 3·p²; r = latent channels × q²."""
     family = get_family(name)
     assert (family.pixel_patch, family.pixel_dim, family.latent_dim) == (patch, dim, rank)
 
@@ -31,7 +32,7 @@ def test_geometry(name: str, patch: int, dim: int, rank: int) -> None:
 def test_timestep_conventions() -> None:
     assert get_family("flux1").timestep_scale == get_family("flux2").timestep_scale == 1.0
     assert get_family("qwen_image").timestep_scale == 1.0
-    assert get_family("sd3").timestep_scale == 1000.0
+    assert get_family("sd3").timestep_scale == get_family("sana").timestep_scale == 1000.0
 
 
 def test_flux2_entry_is_the_existing_conversion() -> None:
@@ -74,6 +75,7 @@ def write_json(path, data) -> None:
         ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "sd3"),
         ("Flux2KleinPipeline", "Flux2Transformer2DModel", "flux2"),
         ("QwenImagePipeline", "QwenImageTransformer2DModel", "qwen_image"),
+        ("SanaPipeline", "SanaTransformer2DModel", "sana"),
     ],
 )
 def test_detect_from_pipeline_directory(tmp_path, pipeline: str, transformer: str, expected: str) -> None:
@@ -96,10 +98,10 @@ def test_detect_from_transformer_config(tmp_path) -> None:
 
 
 def test_detect_refuses_unknown_models(tmp_path) -> None:
-    write_json(tmp_path / "sana" / "model_index.json",
-               {"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]})
-    with pytest.raises(ValueError, match=r"SanaTransformer2DModel.*supported families: flux2 .*flux1 .*sd3 .*qwen_image "):
-        detect_family(tmp_path / "sana")
+    write_json(tmp_path / "zimage" / "model_index.json",
+               {"_class_name": "ZImagePipeline", "transformer": ["diffusers", "ZImageTransformer2DModel"]})
+    with pytest.raises(ValueError, match=r"ZImageTransformer2DModel.*supported families: flux2 .*flux1 .*sd3 .*sana "):
+        detect_family(tmp_path / "zimage")
     with pytest.raises(ValueError, match="supported families"):
         detect_family({"_class_name": "UNet2DConditionModel"})
     with pytest.raises(ValueError, match="neither model_index.json nor config.json"):
@@ -113,8 +115,8 @@ def test_detect_refuses_unknown_models(tmp_path) -> None:
 
 
 def test_get_family_names_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match="unknown model family 'sana'; supported families: flux2"):
-        get_family("sana")
+    with pytest.raises(ValueError, match="unknown model family 'zimage'; supported families: flux2"):
+        get_family("zimage")
 
 
 @pytest.mark.parametrize(
