@@ -14,7 +14,7 @@ IMAGE_ALGEBRA_TENSORS = 20  # fp32 image-space tensors of one AsymFlow step (SCA
 RECOMPUTE_TRANSIENT = 20  # T·d values alive while one checkpointed block is recomputed (q, k, v, MLP in/out, …)
 GATHERED_BLOCKS = 2  # ZeRO-3 holds about this many blocks' gathered parameters at once (the current and the next)
 GPU_CONTEXT_BYTES = 3e9  # assumption: CUDA context, NCCL buffers and allocator slack per GPU (not measured here)
-LPIPS_TAP_TENSORS = 4  # per LPIPS tap: target features, normalised prediction, difference, its square
+LPIPS_TAP_TENSORS = 2  # per LPIPS tap of the prediction: the normalised difference and its square
 
 
 @dataclass(frozen=True)
@@ -88,23 +88,26 @@ def gathered_bytes(p: ParamCounts, gpu: bool, frozen_params: str = "partitioned"
 
 
 def lpips_bytes_per_sample(height: int, width: int, gpu: bool) -> float:
-    """LPIPS-VGG16 on one predicted image (spec §10: bf16 on GPU), what autograd keeps for its backward: every
-    conv/ReLU and max-pool output of the prediction's VGG pass (at full resolution), plus LPIPS_TAP_TENSORS
-    tensors the size of each tapped feature map (target features, normalised prediction, difference, square)."""
+    """LPIPS-VGG16 of one predicted image (spec §10: bf16 on GPU): the tensors autograd keeps for its backward as
+    `asymflow.perceptual` computes it — prediction and target go through VGG together in one graph, so for both
+    images every conv/ReLU and max-pool output (and the input) is kept, plus the pools' int64 indices; then, for
+    the prediction, LPIPS_TAP_TENSORS tensors the size of each tapped feature map (the normalised difference and its
+    square). Checked against autograd's saved tensors on CPU (tests/orchestration/test_memory_table.py)."""
     from asymflow.perceptual import LPIPS_TAPS, VGG16_LAYOUT
 
     b = 2 if gpu else 4
-    h, w, channels, values, taps = height, width, 3, 0, 0
-    index = 0  # position in torchvision's vgg16 `features`: a conv and its ReLU take two, a max-pool one
+    h, w, channels, index = height, width, 3, 0  # index: position in torchvision's vgg16 `features`
+    values, pooled, taps = 3 * height * width, 0, 0
     for layer in VGG16_LAYOUT:
         if layer == "M":
             h, w, index = h // 2, w // 2, index + 1
+            pooled += channels * h * w
         else:
-            channels, index = layer, index + 2
+            channels, index = layer, index + 2  # a conv and its ReLU
         values += channels * h * w
         if index - 1 in LPIPS_TAPS:  # this conv's ReLU output is an LPIPS tap
             taps += channels * h * w
-    return b * (values + LPIPS_TAP_TENSORS * taps)
+    return b * (2 * values + LPIPS_TAP_TENSORS * taps) + 8 * 2 * pooled
 
 
 @dataclass(frozen=True)
