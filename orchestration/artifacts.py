@@ -24,15 +24,52 @@ def resolve_checkpoint(run_dir: str, step: int | None = None) -> str:
 def build_model_from_checkpoint(path: str, weights: Weights = "ema"):
     """(pixel model with the checkpoint's EMA or trainable tensors loaded, its RunConfig, its state)."""
     state = ckpt.read_state(path)
-    file = f"{path}/{ckpt.EMA if weights == 'ema' else ckpt.TRAINABLE}"
+    model, cfg = build_model_from_state(state, load_weights(path, weights))
+    return model, cfg, state
+
+
+def load_weights(path: str, weights: Weights = "ema") -> dict[str, torch.Tensor]:
+    """A committed checkpoint's consolidated fp32 tensors (trainable parameters + buffers): the EMA from its
+    safetensors file, or the raw trainable weights from DeepSpeed's own files (`load_trainable_weights`)."""
+    if weights == "trainable":
+        return load_trainable_weights(path)
+    file = f"{path}/{ckpt.EMA}"
     try:
-        tensors = ckpt.load_tensors(file)
+        return ckpt.load_tensors(file)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{file} does not exist") from exc
     except Exception as exc:  # safetensors' own SafetensorError for a truncated or damaged file
         raise ValueError(f"{file} is not a readable safetensors file ({exc})") from exc
-    model, cfg = build_model_from_state(state, tensors)
-    return model, cfg, state
+
+
+def load_trainable_weights(path: str) -> dict[str, torch.Tensor]:
+    """The trainable weights (fp32) and buffers of a checkpoint, consolidated by DeepSpeed's zero_to_fp32 from the
+    fp32 master partitions in its optimizer-state files (checkpoints store them once: a consolidated copy would add
+    4 bytes per trainable parameter to the 16 of weights, Adam state and EMA). The files hold no frozen parameter,
+    so this reads only the trainable state. Checkpoints written before that carry `trainable.safetensors`, which is
+    read instead. Remote checkpoints: the engine files are fetched into this machine's restore cache.
+
+    DeepSpeed unpickles its files (`torch.load(weights_only=False)`, as its own resume does): load trainable weights
+    only from checkpoints you trust; the EMA (the default everywhere) is plain safetensors."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    legacy = f"{path}/{ckpt.TRAINABLE}"
+    fs, legacy_path = ckpt._fs(legacy)
+    if fs.exists(legacy_path):
+        return ckpt.load_tensors(legacy)
+    local = ckpt.local_engine_copy(path)
+    engine = f"{local}/{ckpt.ENGINE_TAG}"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would mix into `asymflow sample`'s
+            return get_fp32_state_dict_from_zero_checkpoint(local, tag=ckpt.ENGINE_TAG, exclude_frozen_parameters=True)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{engine} does not exist (no DeepSpeed engine files to read trainable weights from; "
+                                "the EMA weights need only ema.safetensors)") from exc
+    except Exception as exc:  # noqa: BLE001  (damaged or foreign files: DeepSpeed raises several classes)
+        raise ValueError(f"{engine} holds no readable DeepSpeed ZeRO checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def build_model_from_state(state: dict, tensors: dict[str, torch.Tensor]):

@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors_bytes
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 STATE = "state.json"
-TRAINABLE = "trainable.safetensors"
+TRAINABLE = "trainable.safetensors"  # written by checkpoints before issue 12; now read from the engine files
 EMA = "ema.safetensors"
 ENGINE_TAG = "engine"  # DeepSpeed's tag: its files live in step-N/engine/
 UNIVERSAL = "universal"  # ds_to_universal output, next to the engine files
@@ -295,6 +295,14 @@ def fetch_checkpoint(checkpoint: str, wanted: Callable[[str], bool] | None = Non
         os.replace(part, target)
         files, total = files + 1, total + size
     return Fetched(local, files, total)
+
+
+def local_engine_copy(checkpoint: str) -> str:
+    """A local directory holding `checkpoint`'s DeepSpeed engine files (under ENGINE_TAG/): the checkpoint itself
+    when local, else this machine's cached copy (each file fetched at most once)."""
+    if is_local(checkpoint):
+        return _fs(checkpoint)[1]
+    return fetch_checkpoint(checkpoint, lambda name: name.startswith(ENGINE_TAG + "/")).path
 
 
 def local_checkpoint_copy(checkpoint: str) -> str:

@@ -23,7 +23,7 @@ Gather = Callable[[Any], list[Any]]  # all_gather_object: every rank's value, in
 def files_for_ranks(ranks: Collection[int] | None) -> Callable[[str], bool]:
     """Selector of the checkpoint files (relative names) that ranks `ranks` read on resume: state.json and the EMA
     (every rank), and under the engine directory the files of these ranks and those of no rank; all engine files
-    when `ranks` is None. Not the consolidated trainable weights (exports read them, a resume does not)."""
+    when `ranks` is None. Not a consolidated trainable-weights file (older checkpoints; a resume never reads it)."""
 
     def wanted(name: str) -> bool:
         if name in (ckpt.STATE, ckpt.EMA, ckpt.COMPLETE):

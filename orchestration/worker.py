@@ -75,6 +75,17 @@ def _gather_partition(local: torch.Tensor, param: torch.nn.Parameter) -> torch.T
     return flat[: param.ds_numel].view(param.ds_shape).cpu()
 
 
+def engine_to_universal(engine_dir: str, output_dir: str) -> None:
+    """DeepSpeed's own converter (a subprocess, as its CLI) from the ZeRO engine files of one tag to the universal
+    format. It reads every rank's optimizer and model-state files: only the trainable state, since checkpoints
+    exclude frozen parameters."""
+    subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", engine_dir,
+         "--output_folder", output_dir, "--num_extract_workers", "1", "--num_merge_workers", "1", "--no_strict"],
+        check=True,
+    )
+
+
 def _partition_of(full: torch.Tensor, param: torch.nn.Parameter, rank: int) -> torch.Tensor:
     """This rank's slice of a full tensor in ZeRO-3's layout: flatten, zero-pad to world × part, take part r."""
     part = param.ds_tensor.numel()
@@ -346,12 +357,7 @@ class Trainer:
             # one /tmp (raylets on one host) may run at once; the first rename wins, no finished copy is deleted.
             staging = f"{target}.staging-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-            subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                 os.path.join(local_dir, ckpt.ENGINE_TAG), "--output_folder", staging, "--num_extract_workers", "1",
-                 "--num_merge_workers", "1", "--no_strict"],
-                check=True,
-            )
+            engine_to_universal(os.path.join(local_dir, ckpt.ENGINE_TAG), staging)
             open(os.path.join(staging, "COMPLETE"), "w").close()
             if os.path.exists(target) and not os.path.exists(os.path.join(target, "COMPLETE")):
                 shutil.rmtree(target, ignore_errors=True)  # an interrupted conversion of an earlier version
@@ -428,8 +434,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint
 
     def save_checkpoint(self, step: int, preempted: bool = False, stopped: bool = False) -> None:
-        """All ranks: engine files; rank 0: consolidated trainable + EMA safetensors and state.json; then rank 0
-        commits (rename + COMPLETE last + keep-last-k) after a barrier."""
+        """All ranks: engine files; rank 0: the consolidated EMA (safetensors) and state.json; then rank 0 commits
+        (rename + COMPLETE last + keep-last-k) after a barrier. The trainable weights are stored once, as DeepSpeed's
+        fp32 master partitions in the optimizer states (`artifacts.load_trainable_weights` consolidates them)."""
         t0 = time.perf_counter()
         if self.rank == 0:
             ckpt.begin_checkpoint(self.run_dir, step)
@@ -442,13 +449,9 @@ class Trainer:
         self.engine.save_checkpoint(ckpt.local_engine_dir(self.run_dir, step, self.rank), tag=ckpt.ENGINE_TAG,
                                     save_latest=True, exclude_frozen_parameters=True)
         ckpt.upload_engine_files(self.run_dir, step, self.rank, self.retry)  # object storage: each rank its own files
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        trainable = {name: safe_get_full_fp32_param(p).cpu() for name, p in self.trainable}
         ema_local = self.ema.shadow
         ema = {name: _gather_partition(ema_local[name], p) for name, p in self.trainable}
         if self.rank == 0:
-            ckpt.save_tensors(f"{staging}/{ckpt.TRAINABLE}", {**trainable, **self.buffers})
             ckpt.save_tensors(f"{staging}/{ckpt.EMA}", {**ema, **self.buffers})
             ckpt.write_state(f"{staging}/{ckpt.STATE}", {**self.state_dict(step, preempted), "stopped": stopped})
         self.barrier()

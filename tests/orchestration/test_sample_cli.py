@@ -139,6 +139,8 @@ def test_bad_requests_fail_with_one_line(run, exports, tmp_path, capsys) -> None
     ema = broken / "checkpoints" / STEP_NAME / "ema.safetensors"
     ema.write_bytes(ema.read_bytes()[:500])
     assert "is not a readable safetensors file" in error("export", str(broken))
+    (broken / "checkpoints" / STEP_NAME / "trainable.safetensors").unlink()  # neither that file nor engine files
+    assert "no DeepSpeed engine files" in error("export", str(broken), "--weights", "trainable")
     # the size is checked from config files before any weight is read: the damaged EMA file is never reached
     assert "GiB" in error("sample", str(broken), "--prompt", "x", "--height", "65536", "--width", "65536")
     assert not (broken / "export").exists()  # nothing half-written

@@ -61,11 +61,12 @@ def _keys_by_step(run_dir: Path) -> dict[int, list[str]]:
 
 
 def _final_tensors(run_dir: Path, step: int = STEPS) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
+    """(trainable weights, EMA) of a checkpoint: the trainable ones consolidated from DeepSpeed's engine files."""
+    from orchestration.artifacts import load_weights
 
     ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
     assert (ckpt / "COMPLETE").exists(), f"no complete checkpoint at step {step}"
-    return load_file(ckpt / "trainable.safetensors"), load_file(ckpt / "ema.safetensors")
+    return load_weights(str(ckpt), "trainable"), load_weights(str(ckpt), "ema")
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -181,41 +182,113 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(dataset, plain, t
 
 def test_frozen_weights_are_in_no_checkpoint(plain):
     """The base is rebuilt from the pretrained files at every start: DeepSpeed's model-state files hold no frozen
-    parameter fragments and no parameter values (only the B/s buffers); our safetensors hold trainables + buffers."""
+    parameter fragments and no parameter values (only the B/s buffers), its optimizer states only the trainable
+    parameters, and the EMA file trainables + buffers; no file holds a consolidated copy of the trainable weights."""
     import torch
     from safetensors import safe_open
 
+    from orchestration.artifacts import build_model_from_state, load_weights
+    from orchestration.checkpoint import read_state
+
     buffers = {"proj_buffer", "scale_buffer"}
     for step_dir in sorted((plain / "checkpoints").glob("step-*")):
+        assert sorted(p.name for p in step_dir.iterdir()) == ["COMPLETE", "ema.safetensors", "engine", "latest",
+                                                               "state.json", "zero_to_fp32.py", "zero_to_torch.py"]
         files = sorted((step_dir / "engine").glob("*model_states.pt"))
         assert len(files) == 2  # one per rank
         for path in files:
             state = torch.load(path, weights_only=True, map_location="cpu")
             assert state["frozen_param_fragments"] is None
             assert sum(t.numel() for name, t in state["module"].items() if name not in buffers) == 0
-        with safe_open(step_dir / "trainable.safetensors", "pt") as f:
-            names = set(f.keys())
-        assert buffers < names and all("lora_" in n or n.split(".")[0] in ("x_embedder", "proj_out", "norm_out")
-                                       for n in names - buffers)
+        model, _ = build_model_from_state(read_state(str(step_dir)), {})
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert trainable and frozen
+        with safe_open(step_dir / "ema.safetensors", "pt") as f:
+            assert set(f.keys()) == trainable | buffers
+        # What DeepSpeed's optimizer states hold, consolidated: the trainable set (fp32), not one frozen tensor.
+        weights = load_weights(str(step_dir), "trainable")
+        assert set(weights) == trainable | buffers
+        assert all(weights[n].dtype == torch.float32 for n in trainable)
+
+
+def test_checkpoint_bytes_are_the_trainable_state(plain):
+    """Issue 12: a checkpoint's bytes ≤ 1.15 × the trainable state a resume needs — n trainable parameters × (4 fp32
+    weights + 8 Adam m, v + 4 EMA) bytes. Sizes that do not grow with the model are counted apart: the subspace
+    buffers (B, s) that every rank's model-state file and the EMA file carry, and the small metadata files."""
+    from orchestration.artifacts import build_model_from_state
+    from orchestration.checkpoint import read_state
+
+    step_dir = plain / "checkpoints" / f"step-{STEPS:08d}"
+    state = read_state(str(step_dir))
+    model, _ = build_model_from_state(state, {})
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    sizes = {p.relative_to(step_dir).as_posix(): p.stat().st_size for p in step_dir.rglob("*") if p.is_file()}
+    metadata = {name: size for name, size in sizes.items() if not name.endswith((".pt", ".safetensors"))}
+    assert sum(metadata.values()) < 100_000, metadata  # state.json, latest, COMPLETE, DeepSpeed's zero_to_fp32.py
+    holders = state["world_size"] + 1  # each rank's model-state file and the EMA file hold the buffers
+    scaling = sum(sizes.values()) - sum(metadata.values()) - holders * buffer_bytes
+    assert scaling <= 1.15 * 16 * n, (scaling / (16 * n), sizes)
+    # …and nothing but that state: the optimizer states alone hold ≥ 12 bytes per trainable parameter.
+    optim = sum(size for name, size in sizes.items() if name.endswith("optim_states.pt"))
+    assert optim >= 12 * n
 
 
 def test_deepspeed_zero_to_fp32_consolidates_a_checkpoint(plain, tmp_path):
     """DeepSpeed's own script, copied into every checkpoint, run as DeepSpeed documents it (the `latest` file names
-    the tag): its fp32 weights equal our consolidated trainable.safetensors."""
+    the tag): its fp32 weights are the trainable weights `asymflow sample/export --weights trainable` load, and they
+    are the trained ones (not the init the EMA started from)."""
     import torch
     from safetensors.torch import load_file
+
+    from orchestration.artifacts import build_model_from_checkpoint, build_model_from_state, load_weights
+    from orchestration.checkpoint import read_state
 
     step_dir = plain / "checkpoints" / f"step-{STEPS:08d}"
     assert (step_dir / "latest").read_text() == "engine"
     subprocess.run([sys.executable, str(step_dir / "zero_to_fp32.py"), str(step_dir), str(tmp_path),
                     "--safe_serialization", "--exclude_frozen_parameters"], check=True, capture_output=True,
                    timeout=300)
-    ours = load_file(step_dir / "trainable.safetensors")
+    ours = load_weights(str(step_dir), "trainable")
     theirs = {k: v for f in sorted(tmp_path.glob("*.safetensors")) for k, v in load_file(f).items()}
-    trainable = {k for k in ours if k not in ("proj_buffer", "scale_buffer")}
-    assert trainable and trainable <= set(theirs), sorted(trainable - set(theirs))[:5]
-    for name in trainable:
+    assert set(ours) == set(theirs)
+    for name in ours:
         assert torch.equal(ours[name], theirs[name].float()), name
+    # Trained, not the init: LoRA's B starts at zero (peft) and the fully trained modules at the base's weights.
+    init, _ = build_model_from_state(read_state(str(step_dir)), {})
+    lora_b = [n for n in ours if "lora_B" in n]
+    assert lora_b and all(ours[n].abs().sum() > 0 for n in lora_b)
+    full = [n for n, p in init.named_parameters() if p.requires_grad and n.split(".")[0] == "x_embedder"]
+    assert full and all(not torch.equal(dict(init.named_parameters())[n].detach(), ours[n]) for n in full)
+    # What `asymflow sample/export/compare --weights trainable` build: the pixel model holding exactly these.
+    model, _, _ = build_model_from_checkpoint(str(step_dir), "trainable")
+    state = model.state_dict()
+    assert all(torch.equal(state[name], ours[name]) for name in ours)
+
+
+def test_trainable_weights_of_a_remote_checkpoint(plain, tmp_path):
+    """Object storage (fsspec's memory://: no rename, files in place, COMPLETE last): `--weights trainable` fetches
+    the engine files alone into this machine's restore cache and consolidates the same weights as locally."""
+    import shutil
+
+    import fsspec
+
+    from orchestration import checkpoint as ckpt
+    from orchestration.artifacts import load_weights
+
+    step_dir = plain / "checkpoints" / f"step-{STEPS:08d}"
+    remote = f"memory://{tmp_path.name}/run/checkpoints/step-{STEPS:08d}"
+    fs, root = fsspec.core.url_to_fs(remote)
+    for f in sorted(step_dir.rglob("*")):
+        if f.is_file():
+            fs.pipe_file(f"{root}/{f.relative_to(step_dir).as_posix()}", f.read_bytes())
+    _assert_same(load_weights(str(step_dir), "trainable"), load_weights(remote, "trainable"))
+    copy = Path(ckpt.restore_cache_dir(remote, ckpt.read_bytes(f"{remote}/{ckpt.STATE}")))
+    fetched = sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file())
+    assert fetched == sorted(f"engine/{p.name}" for p in (step_dir / "engine").iterdir())
+    fs.rm(root.split("/run/")[0], recursive=True)
+    shutil.rmtree(copy)
 
 
 def test_ema_samples_reach_wandb_as_images(plain):
