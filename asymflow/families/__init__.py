@@ -1,4 +1,4 @@
-"""Model-family registry: the latent diffusers transformers asymflow converts to pixel models, one module each (issue 15).
+"""Model-family registry: the latent diffusers transformers asymflow converts to pixel models (issue 15).
 
 Importing this package is cheap: family entries are plain data; pixel classes (`ModelFamily.pixel_class()`, in the
 `*_model` modules) and the conversion (`conversion.convert_family_transformer`) are imported when asked for.

@@ -92,7 +92,9 @@ class ModelFamily:
             got = config.get(key)
             if got not in allowed:
                 want = " or ".join(str(value) for value in allowed)
-                raise ValueError(f"{self.transformer_class} config has {key}={got}; the {self.name} family needs {want}")
+                raise ValueError(
+                    f"{self.transformer_class} config has {key}={got}; the {self.name} family needs {want}"
+                )
 
 
 def order_index(channels: int, patch: int, order: FeatureOrder) -> torch.Tensor:

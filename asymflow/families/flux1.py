@@ -1,4 +1,4 @@
-"""FLUX.1 (dev / schnell): FluxTransformer2DModel on 2×2-packed 16-channel latents, T5 + CLIP text, guidance embedding."""
+"""FLUX.1 (dev / schnell): FluxTransformer2DModel on 2×2-packed 16-channel latents, T5 + CLIP text, guidance."""
 from __future__ import annotations
 
 from .core import ModelFamily, PatchIO

@@ -1,4 +1,4 @@
-"""FLUX.2 (klein): the family the project started with; its pixel model and conversion live in asymflow.model/convert."""
+"""FLUX.2 (klein): the project's first family; its pixel model and conversion live in asymflow.model / convert."""
 from __future__ import annotations
 
 from asymflow.trainable import FLUX2_LORA_TARGETS, FULL_MODULES

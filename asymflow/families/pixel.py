@@ -92,7 +92,12 @@ class AsymFlowPixelMixin:
 
     @classmethod
     def pixel_overrides(cls, latent_config: Mapping[str, Any]) -> dict[str, Any]:
-        """Backbone keys whose pixel value differs from the latent one (none unless a family says so)."""
+        """Backbone keys whose pixel value differs from the latent one: a conv patch embedding's `sample_size` is in
+        latent pixels and its grid (sample_size / patch) must stay the latent model's (so must a positional table
+        built from it), so it scales by the VAE factor."""
+        family = cls.family()
+        if family.read_in.kind == "conv" and "sample_size" in latent_config:
+            return {"sample_size": latent_config["sample_size"] * family.vae_factor}
         return {}
 
     @classmethod
@@ -214,6 +219,15 @@ class AsymFlowPixelMixin:
         """û_a = F(y, σ̃) [B,N,D], channel-first tokens: the family's blocks on y = k·x_t [B,N,D] over an h×w
         `grid`, in the model dtype. The only part of the forward under the caller's autocast (spec §3.4a)."""
         raise NotImplementedError
+
+    def run_on_image(self, forward: Callable[..., Any], tokens: torch.Tensor, grid: tuple[int, int],
+                     **kwargs: Any) -> torch.Tensor:
+        """For backbones that patch the image with their own conv and unpatchify their output themselves (SD3, Sana):
+        channel-first pixel tokens [B,N,D] → image → `forward(self, hidden_states=image, **kwargs)` → tokens."""
+        p, (h, w) = self.config.patch_size, grid
+        image = unpatchify(tokens.to(self.dtype), p, h * p, w * p, "channel_first")
+        out = forward(self, hidden_states=image, return_dict=False, **kwargs)[0]
+        return patchify(out, p, "channel_first")
 
     def predict_x0(
         self, x_t: torch.Tensor, sigma: torch.Tensor | float, encoder_hidden_states: torch.Tensor, **kwargs: Any

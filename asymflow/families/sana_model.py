@@ -1,7 +1,6 @@
 """The Sana pixel model: AsymSanaTransformer2DModel."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -9,7 +8,6 @@ from diffusers import SanaTransformer2DModel
 from diffusers.configuration_utils import register_to_config
 
 from asymflow.parameterisation import SIGMA_MIN_EVAL_FLUX2
-from asymflow.patching import patchify, unpatchify
 
 from .pixel import AsymFlowPixelMixin
 
@@ -54,11 +52,6 @@ class AsymSanaTransformer2DModel(AsymFlowPixelMixin, SanaTransformer2DModel):
     ):
         self.init_pixel_backbone(SanaTransformer2DModel, locals())
 
-    @classmethod
-    def pixel_overrides(cls, latent_config: Mapping[str, Any]) -> dict[str, Any]:
-        # PatchEmbed's grid is sample_size / patch: keep it (and a sincos table, when used, with it).
-        return {"sample_size": latent_config.get("sample_size", 32) * cls.family().vae_factor}
-
     def rebuild_unsaved_state(self) -> None:
         # A sincos positional table (interpolation_scale set) is a non-persistent buffer: rebuilt as PatchEmbed does.
         embed = self.patch_embed
@@ -80,18 +73,13 @@ class AsymSanaTransformer2DModel(AsymFlowPixelMixin, SanaTransformer2DModel):
         guidance: torch.Tensor | None = None,
         attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        p, dtype = self.config.patch_size, self.dtype
-        (h, w), family = grid, self.family()
-        # Sana patches the image with its conv and unpatchifies its output itself: pixel tokens go through as images.
-        image = unpatchify(hidden_states.to(dtype), p, h * p, w * p, "channel_first")
-        out = SanaTransformer2DModel.forward(
-            self,
-            hidden_states=image,
-            encoder_hidden_states=encoder_hidden_states.to(dtype),
-            timestep=sigma_cal * family.timestep_scale * self.config.timestep_scale,
+        return self.run_on_image(
+            SanaTransformer2DModel.forward,
+            hidden_states,
+            grid,
+            encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+            timestep=sigma_cal * self.family().timestep_scale * self.config.timestep_scale,
             guidance=guidance,
             encoder_attention_mask=encoder_attention_mask,
             attention_kwargs=attention_kwargs,
-            return_dict=False,
-        )[0]
-        return patchify(out, p, "channel_first")
+        )

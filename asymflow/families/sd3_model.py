@@ -1,7 +1,6 @@
 """The SD3 pixel model: AsymSD3Transformer2DModel."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -9,7 +8,6 @@ from diffusers import SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
 
 from asymflow.parameterisation import SIGMA_MIN_EVAL_FLUX2
-from asymflow.patching import patchify, unpatchify
 
 from .pixel import AsymFlowPixelMixin
 
@@ -47,11 +45,6 @@ class AsymSD3Transformer2DModel(AsymFlowPixelMixin, SD3Transformer2DModel):
     ):
         self.init_pixel_backbone(SD3Transformer2DModel, locals())
 
-    @classmethod
-    def pixel_overrides(cls, latent_config: Mapping[str, Any]) -> dict[str, Any]:
-        # PatchEmbed's base size is sample_size / patch: keep it, so the positional embedding buffer is the same.
-        return {"sample_size": latent_config.get("sample_size", 128) * cls.family().vae_factor}
-
     def _backbone(
         self,
         hidden_states: torch.Tensor,
@@ -64,18 +57,13 @@ class AsymSD3Transformer2DModel(AsymFlowPixelMixin, SD3Transformer2DModel):
     ) -> torch.Tensor:
         if pooled_projections is None:
             raise ValueError("SD3 needs pooled_projections [B, pooled_projection_dim] (the CLIP pooled outputs)")
-        p, dtype = self.config.patch_size, self.dtype
-        (h, w), family = grid, self.family()
-        # SD3 patches the image with its conv and unpatchifies its output itself: pixel tokens go through as images.
-        image = unpatchify(hidden_states.to(dtype), p, h * p, w * p, "channel_first")
-        out = SD3Transformer2DModel.forward(
-            self,
-            hidden_states=image,
-            encoder_hidden_states=encoder_hidden_states.to(dtype),
-            pooled_projections=pooled_projections.to(dtype),
-            timestep=sigma_cal * family.timestep_scale,
+        return self.run_on_image(
+            SD3Transformer2DModel.forward,
+            hidden_states,
+            grid,
+            encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+            pooled_projections=pooled_projections.to(self.dtype),
+            timestep=sigma_cal * self.family().timestep_scale,
             joint_attention_kwargs=joint_attention_kwargs,
             skip_layers=skip_layers,
-            return_dict=False,
-        )[0]
-        return patchify(out, p, "channel_first")
+        )

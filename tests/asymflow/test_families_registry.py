@@ -144,3 +144,18 @@ def test_rejects_wrong_model_class_and_basis() -> None:
         convert_family_transformer(get_family("flux1"), latent, random_basis(768, 128), 1.0)
     with pytest.raises(ValueError, match="scale"):
         convert_family_transformer(get_family("flux1"), latent, random_basis(768, 64), -1.0)
+
+
+def test_flux2_latent_tokens_are_the_cached_latents_packed() -> None:
+    """FLUX.2's latent tokens for the fit are asymflow.latents' normalised packed grid (what the cache stores), on the
+    grid of the 16×16 pixel patches."""
+    from asymflow.families.fit import latent_tokens, pixel_tokens
+    from asymflow.latents import encode_latents
+    from asymflow.patching import pack
+    from asymflow.tiny import build_tiny_vae
+
+    family, vae = get_family("flux2"), build_tiny_vae()
+    images = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = latent_tokens(family, vae, images)
+    assert torch.equal(z, pack(encode_latents(vae, images)))
+    assert z.shape == (2, 6, 128) and pixel_tokens(family, images).shape == (2, 6, 768)
