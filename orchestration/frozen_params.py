@@ -1,8 +1,8 @@
 """Where ZeRO-3 keeps the frozen parameters (`trainable.frozen_params`), and a count of the bytes it all-gathers.
 
 partitioned (default): every parameter, frozen base included, lives as a 1/r ZeRO-3 partition and is all-gathered
-whenever a module runs (tied-teacher forward, student forward, recomputed forward, backward: 3-4 gathers of the base
-per micro-batch). replicated: the frozen parameters are taken out of ZeRO-3 before `deepspeed.initialize` — each
+whenever a module runs (tied-teacher forward, student forward, recomputed forward, backward: 4 gathers of the base
+per micro-batch, measured). replicated: the frozen parameters are taken out of ZeRO-3 before `deepspeed.initialize` — each
 becomes a non-persistent buffer of its module, whole on every rank — so only the trainable parameters, gradients,
 fp32 master and Adam state are partitioned. Frozen memory per rank goes from b·N_f/r to b·N_f, frozen traffic to
 none. The policy moves bytes, never values: a module computes with the same tensor either way.
@@ -10,9 +10,8 @@ none. The policy moves bytes, never values: a module computes with the same tens
 Why buffers and not DeepSpeed's persistence flag (`ds_persist`, set by `stage3_param_persistence_threshold`): DeepSpeed
 honours it only while its module trace is complete, and the tied teacher's forward enters the root module once more
 per micro-batch, so the trace never completes and persistent parameters are released and gathered like the others
-(measured: tests/orchestration/test_frozen_params.py). A buffer is outside ZeRO-3 altogether: never partitioned,
-gathered, checkpointed (non-persistent: not in state_dict) or given a gradient; `.to(device)` / `.bfloat16()` of the
-engine still apply to it.
+(measured while building this, see docs/SCALING.md). A buffer is outside ZeRO-3 altogether: never partitioned,
+gathered, checkpointed (non-persistent: not in state_dict) or given a gradient; the engine's `.to(device)` moves it.
 """
 from __future__ import annotations
 
@@ -25,10 +24,13 @@ import torch
 FrozenParams = Literal["partitioned", "replicated"]
 
 
-def apply_frozen_params(module: torch.nn.Module, policy: FrozenParams) -> int:
+def apply_frozen_params(module: torch.nn.Module, policy: FrozenParams, dtype: torch.dtype | None = None) -> int:
     """Apply the policy to `module` before `deepspeed.initialize`; returns the bytes made replicated (0 for
     partitioned). replicated: every parameter with requires_grad False becomes a non-persistent buffer of the same
-    name holding the same tensor, so `module.weight` etc. still resolve and forward is unchanged."""
+    name holding the same tensor, so `module.weight` etc. still resolve and forward is unchanged.
+
+    `dtype`: the dtype the engine gives parameters (bf16 on GPU). DeepSpeed casts parameters but keeps fp32
+    buffers fp32, so frozen floating tensors are cast here to stay what they would have been as parameters."""
     if policy == "partitioned":
         return 0
     if policy != "replicated":
@@ -41,8 +43,11 @@ def apply_frozen_params(module: torch.nn.Module, policy: FrozenParams) -> int:
             if hasattr(p, "ds_id"):
                 raise ValueError("frozen_params 'replicated' must be applied before deepspeed.initialize")
             del sub._parameters[name]
-            sub.register_buffer(name, p.detach(), persistent=False)
-            moved += p.numel() * p.element_size()
+            tensor = p.detach()
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            sub.register_buffer(name, tensor, persistent=False)
+            moved += tensor.numel() * tensor.element_size()
     return moved
 
 

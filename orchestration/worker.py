@@ -260,7 +260,8 @@ class Trainer:
         from orchestration.frozen_params import apply_frozen_params
 
         t = self.cfg.train
-        apply_frozen_params(self.student, self.cfg.trainable.frozen_params)  # replicated: frozen base outside ZeRO-3
+        # replicated: the frozen base leaves ZeRO-3, in the dtype the engine gives parameters
+        apply_frozen_params(self.student, self.cfg.trainable.frozen_params, torch.bfloat16 if t.use_gpu else None)
         groups = param_groups(self.student, t.lr, t.lr_multipliers, t.weight_decay)
         self.base_lrs = [g["lr"] for g in groups]
         self.default_group = next((i for i, g in enumerate(groups) if g["name"] == "default"), 0)

@@ -1,6 +1,6 @@
 """trainable.frozen_params under real DeepSpeed ZeRO-3 (2 gloo ranks on 127.0.0.1, no Ray): replicated keeps exactly
-the frozen parameters whole, the trainable ones partitioned, gathers no frozen bytes after step 1, and computes the
-same losses and weights bit for bit as partitioned; config refuses it for full fine-tuning."""
+the frozen parameters whole, the trainable ones partitioned, gathers no frozen bytes, and computes the same losses and
+weights bit for bit as partitioned; config refuses it for full fine-tuning."""
 from __future__ import annotations
 
 import json
@@ -131,3 +131,24 @@ def test_replicated_is_refused_for_full_fine_tuning():
     assert load_config(TINY, ["trainable.frozen_params=replicated"]).trainable.frozen_params == "replicated"
     with pytest.raises(ConfigError, match="trainable.frozen_params 'replicated' needs trainable.mode 'lora'"):
         load_config(TINY, ["trainable.mode=full", "trainable.frozen_params=replicated"])
+
+
+def test_replicated_frozen_tensors_take_the_engines_parameter_dtype():
+    """DeepSpeed casts parameters to bf16 on GPU but keeps fp32 buffers fp32: the frozen buffers are cast up front,
+    trainable parameters are left to DeepSpeed."""
+    from asymflow.convert import convert_transformer
+    from asymflow.tiny import build_tiny_transformer
+    from asymflow.trainable import LoRASettings, apply_trainable
+    from orchestration.frozen_params import apply_frozen_params
+    from tests.asymflow.helpers import random_basis
+
+    student = convert_transformer(build_tiny_transformer(seed=0), random_basis(768, 128, seed=0, dtype=torch.float32),
+                                  1.3)
+    apply_trainable(student, "lora", LoRASettings(rank=8, alpha=8.0))
+    frozen = {n: p.numel() for n, p in student.named_parameters() if not p.requires_grad}
+    assert apply_frozen_params(student, "partitioned", torch.bfloat16) == 0 and len(frozen) > 0
+    assert apply_frozen_params(student, "replicated", torch.bfloat16) == 2 * sum(frozen.values())
+    buffers = dict(student.named_buffers())
+    assert all(buffers[n].dtype == torch.bfloat16 for n in frozen)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in student.parameters())
+    assert set(frozen).isdisjoint(student.state_dict())
