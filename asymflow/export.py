@@ -6,7 +6,7 @@ import inspect
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,10 @@ def adapter_state_dict(
     pixel_model: AsymFlux2Transformer2DModel,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
+    full_tensors: Sequence[str] = FULL_TENSORS,
 ) -> dict[str, torch.Tensor]:
-    """The exported tensors (spec §12: trainable tensors + buffers): `EXPORT_TENSORS`, every other parameter the
+    """The exported tensors (spec §12: trainable tensors + buffers): `full_tensors` (FLUX.2's by default) and the
+    buffers (`EXPORT_TENSORS` for FLUX.2), every other parameter the
     model trains in full (all of them under `trainable.mode: full`), and `<module>.lora_A.weight` /
     `.lora_B.weight` of one adapter.
 
@@ -62,9 +64,9 @@ def adapter_state_dict(
     plain = {_strip_base_layer(name): t for name, t in source.items() if not is_lora_key(name)}
     # A fully trained tensor left out would silently revert to the latent base's re-projected weights on load.
     trained = sorted({_strip_base_layer(name) for name, p in pixel_model.named_parameters()
-                      if p.requires_grad and not is_lora_key(name)} - set(EXPORT_TENSORS))
+                      if p.requires_grad and not is_lora_key(name)} - {*full_tensors, *FP32_BUFFERS})
     tensors: dict[str, torch.Tensor] = {}
-    for name in (*EXPORT_TENSORS, *trained):
+    for name in (*full_tensors, *FP32_BUFFERS, *trained):
         if name in plain:
             tensors[name] = plain[name]
         elif name in FP32_BUFFERS:
@@ -124,6 +126,8 @@ def export_adapter(
     base_model: str | None = None,
     base_info: Mapping[str, Any] | None = None,
     card: str | None = None,
+    full_modules: Sequence[str] = FULL_MODULES,
+    full_tensors: Sequence[str] = FULL_TENSORS,
 ) -> Path:
     """Write the adapter directory, staged and renamed last (see `write_staged`):
 
@@ -134,18 +138,19 @@ def export_adapter(
     - `asymflow_base.json` (`base_info`: which latent base and text encoder to rebuild) and `README.md` (`card`).
 
     `base_model` names the latent base (hub id or path) for peft's `base_model_name_or_path`. The adapter name is
-    stripped from LoRA keys; loaders re-attach them under a name of their choosing.
+    stripped from LoRA keys; loaders re-attach them under a name of their choosing. `full_modules` / `full_tensors`:
+    the fully trained modules and their tensors (FLUX.2's by default; `asymflow.families.adapter` passes a family's).
     """
-    tensors = adapter_state_dict(pixel_model, state_dict, adapter_name)
+    tensors = adapter_state_dict(pixel_model, state_dict, adapter_name, full_tensors)
     lora = {name: t for name, t in tensors.items() if is_lora_key(name)}
 
     def write(staging: Path) -> None:
         pixel_model.save_config(staging)
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
         if lora:
-            config = peft_config(pixel_model.peft_config[adapter_name], FULL_MODULES, base_model)
+            config = peft_config(pixel_model.peft_config[adapter_name], full_modules, base_model)
             config.save_pretrained(staging)
-            full = {name: tensors[name] for name in FULL_TENSORS}
+            full = {name: tensors[name] for name in full_tensors}
             save_file(peft_state_dict(lora, full), staging / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
             diffusers_tensors, metadata = diffusers_lora_file(lora, pixel_model.peft_config[adapter_name])
             save_file(diffusers_tensors, staging / DIFFUSERS_LORA_NAME, metadata=metadata)
@@ -269,9 +274,17 @@ def load_adapter(
     """
     adapter_dir = Path(adapter_dir)
     model, lora = _load_plain(adapter_dir, base_latent_model, dtype, trained_modules=True)
+    return attach_lora(model, adapter_dir, lora, adapter_name, merge)
+
+
+def attach_lora(
+    model: torch.nn.Module, adapter_dir: Path, lora: Mapping[str, torch.Tensor], adapter_name: str, merge: bool
+) -> torch.nn.Module:
+    """Attach an export's LoRA tensors (if any) to the model as the peft adapter `adapter_name` (fused and removed
+    with merge=True); the model in eval mode."""
     if lora:
         model.add_adapter(adapter_lora_config(adapter_dir, lora), adapter_name=adapter_name)
-        result = set_peft_model_state_dict(model, lora, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(model, dict(lora), adapter_name=adapter_name)
         missing = [name for name in result.missing_keys if is_lora_key(name) and f".{adapter_name}." in name]
         if result.unexpected_keys or missing:
             raise ValueError(
