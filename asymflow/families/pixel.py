@@ -130,7 +130,7 @@ class AsymFlowPixelMixin:
         missing = sorted(info["missing_keys"])
         if missing:
             how = "load it with asymflow.load_adapter(dir, latent_base)" if cls.family_name == "flux2" else (
-                "adapters of this family are not loadable yet; convert the latent base instead")
+                "load it with asymflow.families.adapter.load_family_adapter(dir, latent_base)")
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds only part of an {cls.__name__} ({len(missing)} tensors "
                 f"missing, e.g. {missing[0]}): it is an adapter; {how}"

@@ -286,3 +286,13 @@ def test_adapter_export_round_trip(tmp_path, family_setup) -> None:
         assert not torch.allclose(loaded(x_t, 0.4, text, **extra), reference, atol=1e-3)
     with pytest.raises(ValueError, match="does not fit this latent base: num_layers"):
         load_family_adapter(out, build_tiny_family_transformer(name, num_layers=latent.config.num_layers + 1))
+
+
+def test_from_pretrained_refuses_an_adapter_directory(tmp_path, family_setup) -> None:
+    from asymflow.families.adapter import export_family_adapter
+
+    name, latent, basis, scale = family_setup
+    _, student = lora_student(name, latent, basis, scale)  # frozen base: the export holds LoRA + full modules only
+    out = export_family_adapter(student, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="it is an adapter; load it with asymflow.families.adapter.load_family_adapter"):
+        get_family(name).pixel_class().from_pretrained(out)
