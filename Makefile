@@ -35,7 +35,7 @@ test: $(STAMP) $(LPIPS_STAMP) chromium
 $(LPIPS_STAMP): tests/lpips_reference.txt
 	@rm -rf $(LPIPS_VENV) && $(PYTHON) -m venv $(LPIPS_VENV) && \
 	  $(LPIPS_VENV)/bin/python -m pip install -q -r tests/lpips_reference.txt > $(LPIPS_VENV).log 2>&1 && \
-	  touch $@ || { tail -n 5 $(LPIPS_VENV).log; \
+	  touch $@ || { tail -n 5 $(LPIPS_VENV).log 2>/dev/null; \
 	  echo "make: could not build $(LPIPS_VENV) from tests/lpips_reference.txt (log: $(LPIPS_VENV).log):" \
 	       "the lpips parity test tests/asymflow/test_lpips_prep.py will be skipped"; }
 
