@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -31,23 +30,13 @@ import common
 
 def save_probe(payload: dict) -> None:
     """Ray Train worker: time the trainer's checkpoint save/restore against DeepSpeed's own save/load."""
-    import ray.train
     import torch.distributed as dist
 
     from orchestration import checkpoint as ckpt
     from orchestration.config import RunConfig
-    from orchestration.worker import Trainer
 
-    ctx = ray.train.get_context()
-    cfg = RunConfig.model_validate(payload["config"])
-    t = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank())
-    t.apply_distributed()
-    t.find_restore()
-    t.build_models()
-    t.build_engine(load_universal=False)
-    step, data_state = t.restore(None)
-    t.loader = t.build_loader(data_state)
-    t.wandb_id = "bench"
+    t = common.start_trainer(RunConfig.model_validate(payload["config"]))
+    step = 0
     scratch = Path(payload["scratch"])
     ours, bare = [], []
     for rep in range(int(payload["reps"])):
@@ -163,11 +152,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
 
-    common.set_bench_environment()
-    data = common.ensure_dataset(128)
-    storage = common.CACHE / "runs-checkpoint"
-    shutil.rmtree(storage, ignore_errors=True)
-    common.init_ray()
+    data, storage = common.prepare_runs("runs-checkpoint")
     config = {"config": "configs/tiny.yaml", "workers": 2, "reps": args.reps, "trainable": "LoRA rank 4 (tiny)"}
 
     probe = run_probe(data, storage, args.reps)

@@ -146,6 +146,38 @@ def tiny_config(data: str, storage: Path, name: str, overrides: Iterable[str] = 
                                           *overrides])
 
 
+def prepare_runs(name: str, resolution: int = 128) -> tuple[str, Path]:
+    """What a training benchmark does first: the bench environment, the demo dataset, an emptied run storage
+    `.cache/bench/NAME` and the loopback Ray. Returns (dataset directory, storage)."""
+    import shutil
+
+    set_bench_environment()
+    data = ensure_dataset(resolution)
+    storage = CACHE / name
+    shutil.rmtree(storage, ignore_errors=True)
+    init_ray()
+    return data, storage
+
+
+def start_trainer(cfg):
+    """Inside a Ray Train worker: the real `orchestration.worker.Trainer` built as `train_loop` builds it (process
+    group, models, ZeRO-3 engine, fresh EMA, loader), ready for `train_step(0)`; a probe then drives it."""
+    import ray.train
+
+    from orchestration.worker import Trainer
+
+    ctx = ray.train.get_context()
+    t = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank())
+    t.apply_distributed()
+    t.find_restore()
+    t.build_models()
+    t.build_engine(load_universal=False)
+    _, data_state = t.restore(None)
+    t.loader = t.build_loader(data_state)
+    t.wandb_id = "bench"
+    return t
+
+
 class RSSPoller(threading.Thread):
     """Peak RSS of every Ray Train worker process seen while it runs (sampled every `interval` s)."""
 

@@ -20,6 +20,7 @@ SUITE: list[tuple[str, list[str]]] = [
     ("loader", ["--reps", "3"]),  # reads the data-wait fraction of the run trainer_overhead just made
     ("zero3_memory", []),
     ("checkpoint", ["--reps", "5"]),
+    ("checkpoint_bytes", []),
     ("asymflow_overhead", ["--reps", "7", "--vae-reps", "1"]),
     ("sampler", []),  # single-threaded; 262 s measured at a load of 4–5 on the shared 2-core box
     ("text_cache", []),  # ~40 s: serialises klein-shaped text members, builds one projected demo cache
