@@ -53,6 +53,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.integration  # runs lpips in .venv-lpips (~30-60 s here)
 def test_parity_with_the_lpips_package(reference, tmp_path):
     ref = reference["dir"]
     assert reference["torch"].startswith("2.14.1") and reference["torchvision"].startswith("0.29.1")
@@ -95,6 +96,7 @@ def test_parity_with_the_lpips_package(reference, tmp_path):
             torch.testing.assert_close(ours_map.mean(dim=(2, 3), keepdim=True), cases[f"{size}.scalar"], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.integration  # runs lpips in .venv-lpips (~30-60 s here)
 def test_default_heads_are_found_in_an_installed_lpips_without_importing_it(reference, tmp_path, monkeypatch):
     """The lpips package as installed (package + dist-info, copied from the reference venv) on this Python's path:
     the heads are found, and neither lpips nor torchvision (absent here: importing lpips would fail) is imported."""
