@@ -4,10 +4,11 @@
 
 1. Save / load (in-process probe, 2 workers, configs/tiny.yaml): a Ray Train worker drives the real
    `orchestration.worker.Trainer` (build → restore → train_step) and, interleaved --reps times, times
-   `Trainer.save_checkpoint` (DeepSpeed engine files + consolidated trainable and EMA safetensors + state.json +
-   atomic commit, keep-last-k) against the baseline DeepSpeed `engine.save_checkpoint` alone into a scratch
-   directory; then `Trainer.restore` of the latest checkpoint (engine + optimizer + EMA + data state) against a
-   bare `engine.load_checkpoint`. ratio = ours / DeepSpeed alone.
+   `Trainer.save_checkpoint` (DeepSpeed engine files without frozen parameters + consolidated EMA safetensors +
+   state.json + atomic commit, keep-last-k) against the baseline DeepSpeed `engine.save_checkpoint` alone (frozen
+   parameters included, DeepSpeed's default) into a scratch directory; then `Trainer.restore` of the latest
+   checkpoint (engine + optimizer + EMA + data state) against a bare `engine.load_checkpoint`. ratio = ours /
+   DeepSpeed alone.
 2. Preemption (real `asymflow train` runs, checkpoint every 4 of 10 steps): one worker is sent SIGTERM, or SIGKILL,
    once 6 steps are in keys.jsonl — the same way tests/orchestration/test_train_integration.py kills workers. Resume
    time = kill → first step trained by the restarted worker group (new RayTrainWorker processes; wall clock, includes
