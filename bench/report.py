@@ -44,7 +44,8 @@ FINDINGS = """### Why targets are missed, and what costs (as of the run recorded
   the group first finishes the step in flight and writes a checkpoint.
 - **Checkpoint save 2.1× DeepSpeed's own save**: on top of the engine files the trainer gathers the full fp32
   trainable tensors and the EMA to rank 0 (`safe_get_full_fp32_param`, `_gather_partition`) and writes them as
-  safetensors, then commits with barriers. Resume (restore) costs the same as DeepSpeed's load.
+  safetensors, then commits with barriers. Resume (restore) costs the same as DeepSpeed's load. (Since issue 12's
+  checkpoint_bytes change the trainable tensors are no longer gathered or written — only the EMA; not re-measured.)
 - **Memory**: every rank builds the whole model un-partitioned before ZeRO-3 partitions it. The LoRA teacher is
   tied to the student (no second copy; full fine-tuning still keeps a whole frozen copy, 18 GB per rank at 9B) —
   see zero3_memory and docs/SCALING.md, which also weighs the frozen-parameter policies (memory vs traffic).
