@@ -52,6 +52,7 @@ from .format import (
     load_manifest,
     load_sample_table,
     manifest_hash,
+    read_parquet,
     read_sample_bytes,
 )
 from .decode import decode_image, find_image
@@ -391,7 +392,7 @@ def build_cache(
     parts = []
     for name in shard_names:
         with fs.open(f"{cache_root}/{PARTS_DIR}/{name}.parquet", "rb") as f:
-            parts.append(pq.read_table(f))
+            parts.append(read_parquet(f))
     put_atomic(join(cache_dir, TABLE_FILE), _table_bytes(pa.concat_tables(parts) if parts else CACHE_SCHEMA.empty_table()))
     return summary
 

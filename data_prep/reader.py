@@ -8,7 +8,6 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from safetensors import SafetensorError
@@ -28,7 +27,7 @@ from .cache import (
 )
 from .decode import decode_image, find_image
 from .format import TEXT_SUFFIX as CAPTION_SUFFIX
-from .format import join, load_manifest, load_sample_table, manifest_hash, read_sample_bytes
+from .format import join, load_manifest, load_sample_table, manifest_hash, read_parquet, read_sample_bytes
 
 LATENT_CHANNELS = 128  # FLUX.2: 32 VAE channels × 2×2 packing
 PIXELS_PER_LATENT = 16  # VAE 8× × latent patch 2
@@ -136,7 +135,7 @@ def _join_cache(data_dir: str, table: pa.Table, cache: Mapping[str, Any], digest
     if not cache["complete"]:
         raise CacheMismatchError(f"{cache_dir} is incomplete; finish it by rerunning `asymflow prep cache {data_dir} --config ...`")
     with fsspec.open(join(cache_dir, TABLE_FILE), "rb") as f:
-        cached = pq.read_table(f)
+        cached = read_parquet(f)
     # Both tables are written in (shard order, position) order, so equal key columns mean row i ↔ row i.
     if not cached["key"].equals(table["key"]):
         raise CacheMismatchError(f"{cache_dir}/{TABLE_FILE} does not list the dataset's samples in order; rebuild with --overwrite")

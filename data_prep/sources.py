@@ -19,7 +19,7 @@ from typing import Any
 
 import fsspec
 
-from data_prep.format import parse_sample
+from data_prep.format import parse_sample, read_parquet
 from data_prep.images import SkipImage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -167,10 +167,8 @@ def _enumerate_table(spec: str, fs: fsspec.AbstractFileSystem, root: str, ext: s
     """Rows in file order; relative paths are relative to the table's directory."""
     base = spec.rsplit("/", 1)[0] if "/" in spec else "."
     if ext == ".parquet":
-        import pyarrow.parquet as pq
-
         with fs.open(root, "rb") as f:
-            table = pq.read_table(f)
+            table = read_parquet(f)
         pcol = _pick_column(table.column_names, path_column, PATH_COLUMNS, "path", spec)
         ccol = _pick_column(table.column_names, caption_column, CAPTION_COLUMNS, "caption", spec)
         paths = table.column(pcol).to_pylist()
