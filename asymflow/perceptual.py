@@ -78,12 +78,15 @@ class _Distance(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.shape != target.shape or pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"expected two RGB batches [B,3,H,W] of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
-        dtype = self.shift.dtype
-        x = torch.cat([pred, target]).to(dtype)
-        x = (x - self.shift) / self.scale
-        feats = self.trunk(x)  # one pass over pred and target together
-        n = pred.shape[0]
-        return lpips_map([f[:n] for f in feats], [f[n:] for f in feats], self.lins, tuple(pred.shape[-2:])).float()
+        # Two passes: the target's features without autograd (it is a constant: the objective makes it under no_grad),
+        # so backward keeps only the prediction's activations — one pass over cat([pred, target]) kept both halves
+        # (issue #12). A target that does require grad still gets its graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
+            feats_target = self._features(target)
+        return lpips_map(self._features(pred), feats_target, self.lins, tuple(pred.shape[-2:])).float()
+
+    def _features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return self.trunk((image.to(self.shift.dtype) - self.shift) / self.scale)
 
 
 def _vgg16_features() -> nn.Sequential:

@@ -42,3 +42,20 @@ def seamless_errors_from_outputs(
         return (a.flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)).max().item()
 
     return max(rel(x0 - expected), rel(x0_from_u - expected)), rel(x0 - x0 @ basis64 @ basis64.T)
+
+
+def saved_for_backward_bytes(fn, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `fn()` runs, leaving out those of `exclude`
+    (e.g. a frozen network's weights); a storage saved by several ops counts once."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
