@@ -34,9 +34,12 @@ class LoRASettings(BaseModel):
         return "|".join(f"(?:{t})" for t in self.targets)
 
 
-def _under(name: str, module: str) -> bool:
-    """True if the dotted parameter name lies inside the module path `module` (at any nesting depth)."""
-    return re.search(rf"(^|\.){re.escape(module)}(\.|$)", name) is not None
+def in_module(name: str, module: str) -> bool:
+    """True if the dotted parameter name lies inside the module at the exact dotted path `module`, counted from the
+    model's root ("proj_out" is the top-level output projection, not FLUX.1's single_transformer_blocks.N.proj_out;
+    "pos_embed.proj" is that one submodule). A name equal to `module` is a parameter at that path (Sana's
+    scale_shift_table)."""
+    return name == module or name.startswith(f"{module}.")
 
 
 def has_adapter(model: torch.nn.Module) -> bool:
@@ -77,7 +80,7 @@ def apply_trainable(
             adapter_name="default",
         )
         for module in full_modules:
-            found = [p for name, p in model.named_parameters() if _under(name, module)]
+            found = [p for name, p in model.named_parameters() if in_module(name, module)]
             if not found:
                 raise ValueError(f"full-trainable module {module!r} has no parameters in {type(model).__name__}")
             for p in found:
@@ -98,7 +101,7 @@ def why_trained(
     frozen. PEFT full-matches a string target against module names, as here."""
     if mode == "full":
         return "trainable.mode is 'full'"
-    covering = [m for m in full_modules if _under(f"{module}.weight", m)]
+    covering = [m for m in full_modules if in_module(f"{module}.weight", m)]
     if covering:
         return f"trainable.full_modules includes {covering[0]!r}"
     if re.fullmatch((lora or LoRASettings()).target_regex(), module):
@@ -114,7 +117,8 @@ def param_groups(
 ) -> list[dict]:
     """Optimiser groups of the trainable parameters: one per multiplier key (lr·mult) plus "default" (lr).
 
-    A parameter belongs to the first key whose module path contains it (default {"proj_out": 10.0}, spec §9).
+    A parameter belongs to the first key that is the dotted path, from the root, of a module holding it (default
+    {"proj_out": 10.0}, spec §9; FLUX.1's single_transformer_blocks.N.proj_out is not "proj_out").
     Empty groups are dropped; every group carries "name", "params", "lr", "weight_decay".
     """
     multipliers = {"proj_out": 10.0} if lr_multipliers is None else dict(lr_multipliers)
@@ -123,7 +127,7 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = next((k for k in multipliers if _under(name, k)), "default")
+        key = next((k for k in multipliers if in_module(name, k)), "default")
         buckets[key].append(p)
     return [
         {"name": key, "params": params, "lr": lr * multipliers.get(key, 1.0), "weight_decay": weight_decay}
@@ -150,7 +154,7 @@ def build_teacher(
         raise ValueError("build_teacher must be called before LoRA is attached to the student (apply_trainable)")
     memo: dict[int, object] = {}
     if share_base:
-        frozen_shared = [(n, p) for n, p in student.named_parameters() if not any(_under(n, m) for m in own_modules)]
+        frozen_shared = [(n, p) for n, p in student.named_parameters() if not any(in_module(n, m) for m in own_modules)]
         for _, p in frozen_shared:
             p.requires_grad_(False)  # sharing is sound only while the student never updates these
         memo = {id(p): p for _, p in frozen_shared}  # deepcopy returns these objects themselves

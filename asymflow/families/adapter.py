@@ -12,6 +12,7 @@ import torch
 
 from asymflow.adapter_formats import is_lora_key
 from asymflow.export import CONFIG_NAME, WEIGHTS_NAME, attach_lora, export_adapter, read_tensors
+from asymflow.trainable import in_module
 
 from .conversion import convert_family_transformer, load_family_transformer
 from .detect import detect_family
@@ -23,7 +24,7 @@ def full_tensor_names(model: torch.nn.Module) -> tuple[str, ...]:
     left out, LoRA tensors excluded), in the model's order."""
     modules = detect_family(model).full_modules
     names = (name.replace(".base_layer.", ".") for name, _ in model.named_parameters() if not is_lora_key(name))
-    return tuple(n for n in names if any(n == m or n.startswith(m + ".") for m in modules))
+    return tuple(n for n in names if any(in_module(n, m) for m in modules))
 
 
 def export_family_adapter(pixel_model: torch.nn.Module, out_dir: str | PathLike, **kwargs: Any) -> Path:

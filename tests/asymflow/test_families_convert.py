@@ -207,7 +207,8 @@ def test_converts_from_a_local_directory(tmp_path, family_setup) -> None:
 
 
 def owned_by(name: str, module: str) -> bool:
-    """The parameter `name` is `module` itself or lies inside it, counted from the model's root."""
+    """The parameter `name` is `module` itself or lies inside it, counted from the model's root (written out here,
+    not asymflow.trainable's in_module, so that the tests check it)."""
     return name == module or name.startswith(module + ".")
 
 
@@ -241,22 +242,51 @@ def test_lora_targets_and_full_modules(family_setup) -> None:
         assert torch.equal(student(x_t, 0.6, text, **extra), pixel(x_t, 0.6, text, **extra))
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("flux1", marks=pytest.mark.xfail(strict=True, reason=(
-        "asymflow.trainable matches a full module at any depth, so full module 'proj_out' also trains every "
-        "single_transformer_blocks.N.proj_out of FLUX.1 in full; to fix with the family's training integration"))),
-    "sd3",
-    "qwen_image",
-    pytest.param("sana", marks=pytest.mark.xfail(strict=True, reason=(
-        "the same any-depth match: full module 'scale_shift_table' (Sana's output modulation) also trains every "
-        "transformer_blocks.N.scale_shift_table"))),
-])
+# Modules that share a full module's last name deeper in the tree: they belong to the frozen base, not to the fully
+# trained read-in/read-out (a match at any depth once trained every FLUX.1 single block's proj_out and every Sana
+# block's scale_shift_table in full).
+NESTED_NAMESAKES = {
+    "flux1": ("single_transformer_blocks.0.proj_out.weight", "single_transformer_blocks.0.proj_out.bias"),
+    "sana": ("transformer_blocks.0.scale_shift_table", "transformer_blocks.1.scale_shift_table"),
+}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_only_lora_and_full_modules_train(name: str) -> None:
     family = get_family(name)
     basis = random_basis(family.pixel_dim, family.latent_dim)
     _, student = lora_student(name, build_tiny_family_transformer(name), basis, 1.0)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert all(".lora_" in n or any(owned_by(n, m) for m in family.full_modules) for n in trainable)
+    base = {n.replace(".base_layer.", "."): p for n, p in student.named_parameters()}  # FLUX.1's carry a LoRA
+    for nested in NESTED_NAMESAKES.get(name, ()):
+        assert not base[nested].requires_grad, nested
+
+
+@pytest.mark.parametrize("name", sorted(NESTED_NAMESAKES))
+def test_full_module_names_are_root_paths_in_groups_and_teacher(name: str) -> None:
+    """The proj_out learning-rate multiplier and the shared-base teacher's own copies take the root module only."""
+    from asymflow.trainable import apply_trainable, build_teacher, param_groups
+
+    family = get_family(name)
+    pixel = convert_family_transformer(family, build_tiny_family_transformer(name),
+                                       random_basis(family.pixel_dim, family.latent_dim), 1.0)
+    teacher = build_teacher(pixel, share_base=True, own_modules=family.full_modules)
+    shared = {id(p) for p in teacher.parameters()}
+    params = dict(pixel.named_parameters())
+    for nested in NESTED_NAMESAKES[name]:
+        assert id(params[nested]) in shared, nested  # the base's tensor, not a copy
+    assert not any(id(p) in shared for n, p in params.items() if any(owned_by(n, m) for m in family.full_modules))
+
+    apply_trainable(pixel, "full", full_modules=family.full_modules)
+    groups = {g["name"]: g for g in param_groups(pixel, 1e-4, {"proj_out": 10.0, family.full_modules[-1]: 2.0})}
+    idn = {id(p): n for n, p in pixel.named_parameters()}
+    assert sorted(idn[id(p)] for p in groups["proj_out"]["params"]) == ["proj_out.bias", "proj_out.weight"]
+    assert groups["proj_out"]["lr"] == pytest.approx(1e-3)
+    last = family.full_modules[-1]
+    assert all(owned_by(idn[id(p)], last) for p in groups[last]["params"])
+    default = {idn[id(p)] for p in groups["default"]["params"]}
+    assert set(NESTED_NAMESAKES[name]) <= default
 
 
 def test_adapter_export_round_trip(tmp_path, family_setup) -> None:
