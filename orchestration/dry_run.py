@@ -89,10 +89,11 @@ def gathered_bytes(p: ParamCounts, gpu: bool, frozen_params: str = "partitioned"
 
 def lpips_bytes_per_sample(height: int, width: int, gpu: bool) -> float:
     """LPIPS-VGG16 of one predicted image (spec §10: bf16 on GPU): the tensors autograd keeps for its backward as
-    `asymflow.perceptual` computes it — prediction and target go through VGG together in one graph, so for both
-    images every conv/ReLU and max-pool output (and the input) is kept, plus the pools' int64 indices; then, for
-    the prediction, LPIPS_TAP_TENSORS tensors the size of each tapped feature map (the normalised difference and its
-    square). Checked against autograd's saved tensors on CPU (tests/orchestration/test_memory_table.py)."""
+    `asymflow.perceptual` computes it — only the prediction's VGG pass is in the graph (the target's features are
+    computed without autograd), so for that image every conv/ReLU and max-pool output (and the input) is kept, plus
+    the pools' int64 indices, and LPIPS_TAP_TENSORS tensors the size of each tapped feature map (the normalised
+    difference and its square). Checked against autograd's saved tensors on CPU (tests/orchestration/
+    test_memory_table.py). Not counted: the target's tapped features, alive only during the LPIPS forward."""
     from asymflow.perceptual import LPIPS_TAPS, VGG16_LAYOUT
 
     b = 2 if gpu else 4
@@ -107,7 +108,7 @@ def lpips_bytes_per_sample(height: int, width: int, gpu: bool) -> float:
         values += channels * h * w
         if index - 1 in LPIPS_TAPS:  # this conv's ReLU output is an LPIPS tap
             taps += channels * h * w
-    return b * (2 * values + LPIPS_TAP_TENSORS * taps) + 8 * 2 * pooled
+    return b * (values + LPIPS_TAP_TENSORS * taps) + 8 * pooled
 
 
 @dataclass(frozen=True)
