@@ -54,16 +54,17 @@ def load_trainable_weights(path: str) -> dict[str, torch.Tensor]:
     import contextlib
     import io
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     legacy = f"{path}/{ckpt.TRAINABLE}"
     fs, legacy_path = ckpt._fs(legacy)
     if fs.exists(legacy_path):
         return ckpt.load_tensors(legacy)
     local = ckpt.local_engine_copy(path)
     engine = f"{local}/{ckpt.ENGINE_TAG}"
+    noise = io.StringIO()  # DeepSpeed's accelerator guess at import, its prints and progress bars: not for the CLI
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would mix into `asymflow sample`'s
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
             return get_fp32_state_dict_from_zero_checkpoint(local, tag=ckpt.ENGINE_TAG, exclude_frozen_parameters=True)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{engine} does not exist (no DeepSpeed engine files to read trainable weights from; "
