@@ -90,3 +90,16 @@ def test_restore_copy_of_a_url_follows_what_the_url_holds_now():
         copies.append(ckpt.local_checkpoint_copy(ckpt.checkpoint_dir(run, 2)))
         assert torch.equal(ckpt.load_tensors(f"{copies[-1]}/{ckpt.TRAINABLE}")["w"], torch.full((2,), value))
     assert copies[0] != copies[1]
+
+
+def test_trainable_weights_of_an_older_checkpoint(tmp_path):
+    """Checkpoints written before issue 12 carry `trainable.safetensors` (and may lack engine files, as exports'
+    sources did): `--weights trainable` still reads that file; without it or engine files the error names the path."""
+    from orchestration.artifacts import load_weights
+
+    run = str(tmp_path / "run")
+    path = _write(run, 2)
+    assert torch.equal(load_weights(path, "trainable")["w"], torch.full((2,), 2.0))
+    Path(path, ckpt.TRAINABLE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"engine does not exist \(no DeepSpeed engine files"):
+        load_weights(path, "trainable")
