@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import tiny
 
@@ -15,6 +15,25 @@ ALL_PARTS: tuple[Part, ...] = ("transformer", "vae", "text_encoder", "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The small trained base shipped with the repo (scripts/train_tiny_base.py writes it; see its MODEL_CARD.md).
 BUNDLED_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_base"
+# `model.family`: the names of asymflow.families.FAMILIES (a test keeps them equal). Training, data prep and sampling
+# are wired for TRAINING_FAMILY only; the others' conversion is proven (seamless-init identity, adapter round trip).
+FamilyName = Literal["flux2", "flux1", "sd3", "qwen_image", "sana"]
+TRAINING_FAMILY = "flux2"
+
+
+def _family_names() -> str:
+    from .families import FAMILIES
+
+    return ", ".join(FAMILIES)
+
+
+def unwired_family_message(name: str) -> str:
+    """Why a family other than TRAINING_FAMILY is refused by training, data prep and sampling."""
+    from .families import get_family
+
+    return (f"{name} ({get_family(name).title}) is not supported for training yet: its conversion is proven "
+            f"(seamless-init identity, adapter round trip; asymflow.families) but training, data prep and sampling "
+            f"are not wired for it; the supported training family is {TRAINING_FAMILY}")
 
 
 class BaseModelConfig(BaseModel):
@@ -32,6 +51,18 @@ class BaseModelConfig(BaseModel):
     text_hidden_layers: tuple[int, ...] = tiny.TINY_TEXT_LAYERS
     max_sequence_length: int = Field(default=tiny.TINY_MAX_LENGTH, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    family: FamilyName | None = Field(
+        None, description="the latent model family; when omitted, read from a local model.path's model_index.json or "
+        "transformer/config.json (`detected_family`); only flux2 is wired for training, data prep and sampling")
+
+    @field_validator("family", mode="before")
+    @classmethod
+    def _known_family(cls, value: Any) -> Any:
+        if value is not None and value not in get_args(FamilyName):
+            raise ValueError(f"unknown model family {value!r}; supported families: {_family_names()}")
+        if value not in (None, TRAINING_FAMILY):
+            raise ValueError(unwired_family_message(value))
+        return value
 
     @model_validator(mode="after")
     def _path_matches_kind(self) -> BaseModelConfig:
@@ -40,6 +71,39 @@ class BaseModelConfig(BaseModel):
         if self.kind == "tiny" and self.path:
             raise ValueError("model.path must be empty when model.kind is 'tiny' (tiny models are built in code)")
         return self
+
+    def detected_family(self) -> str | None:
+        """The family of the model the config names, from its files: flux2 for the in-code tiny and the bundled base;
+        a local diffusers directory's model_index.json, else its transformer/config.json; None when there is nothing
+        local to read (a hub id, a URL, a directory without either file: the path checks say what is missing).
+        ValueError for a class no family knows."""
+        from .families import detect_family
+
+        if self.kind != "diffusers":
+            return TRAINING_FAMILY
+        root = Path(self.path).expanduser()
+        if "://" in self.path or not root.is_dir():
+            return None
+        for source in (root / "model_index.json", root / "transformer" / "config.json"):
+            if source.is_file():
+                return detect_family(source).name
+        return None
+
+    def check_family(self) -> str:
+        """The model's family, given (`family`) or detected (`detected_family`), if training can use it; ValueError
+        (one line, naming model.path) for a model of another family or one that contradicts `family`."""
+        try:
+            detected = self.detected_family()
+        except ValueError as exc:
+            raise ValueError(f"model.path: {exc}") from None
+        if self.family is not None and detected is not None and detected != self.family:
+            raise ValueError(f"model.family {self.family!r} contradicts model.path {self.path}, which holds a "
+                             f"model of family {detected}; fix model.family or leave it out to use the detected family")
+        family = self.family or detected or TRAINING_FAMILY
+        if family != TRAINING_FAMILY:
+            raise ValueError(f"model.path {self.path} holds a model of family {family}, and "
+                             f"{unwired_family_message(family)}")
+        return family
 
     def fingerprint(self) -> str:
         """A short string identifying the model, recorded next to cached latents/embeddings."""

@@ -280,6 +280,7 @@ class RunConfig(_Section):
         data.pop("run")
         data.pop("log")
         data.pop("sample")
+        data["model"].pop("family")  # model.path decides it (a contradicting one is refused); older runs hash alike
         data["train"].pop("workers")
         data["train"].pop("grad_accum")
         data["train"].pop("micro_batch")

@@ -60,8 +60,13 @@ def same_model(recorded: str, fingerprint: str) -> bool:
 
 
 def check_model(cfg: RunConfig) -> None:
-    """model.path: the base model's directory and the parts workers load (a hub id is left to the hub client)."""
+    """model.path: the base model's directory and the parts workers load (a hub id is left to the hub client); its
+    family (model.family or the one its files name) must be the one training is wired for."""
     m = cfg.model
+    try:
+        m.check_family()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if m.kind == "tiny":
         return
     if m.kind == "bundled":

@@ -15,14 +15,45 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port: connection refused at once
 
 
+def write_family_dir(root: Path, family: str, pipeline_class: str | None) -> Path:
+    """A diffusers directory of a tiny random `family` transformer, configs only (detection reads no weights):
+    transformer/config.json as the real class saves it, and model_index.json naming `pipeline_class` if given."""
+    import json
+
+    import diffusers
+
+    from asymflow.families.tiny import build_tiny_family_transformer
+
+    model = build_tiny_family_transformer(family)
+    model.save_config(root / "transformer")
+    if pipeline_class is not None:
+        index = {"_class_name": getattr(diffusers, pipeline_class).__name__, "_diffusers_version": diffusers.__version__,
+                 "transformer": ["diffusers", type(model).__name__]}
+        (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("cli-errors")
     (root / "bad.yaml").write_text("train:\n  lr: [1,\n")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "empty").mkdir()
+    flux1 = write_family_dir(root / "flux1", "flux1", "FluxPipeline")  # a pipeline directory
+    sd3 = write_family_dir(root / "sd3", "sd3", None)  # transformer/config.json only
+    (root / "alien").mkdir()
+    (root / "alien" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    for name, model in {"flux1": f"kind: diffusers\n  path: {flux1}", "qwen": "family: qwen_image",
+                        "dalle": "family: dalle"}.items():
+        (root / f"{name}.yaml").write_text(f"model:\n  {model}\n")
     return {"bad": str(root / "bad.yaml"), "list": str(root / "list.yaml"), "dir": str(root / "empty"),
-            "missing": str(root / "missing.yaml"), "nodata": str(root / "empty"), "root": str(root)}
+            "missing": str(root / "missing.yaml"), "nodata": str(root / "empty"), "root": str(root),
+            "flux1": str(flux1), "sd3": str(sd3), "alien": str(root / "alien"), "flux1_cfg": str(root / "flux1.yaml"),
+            "qwen_cfg": str(root / "qwen.yaml"), "dalle_cfg": str(root / "dalle.yaml")}
+
+
+NOT_WIRED = "is not supported for training yet: its conversion is proven (seamless-init identity, adapter round trip"
+DIFFUSERS = ("--set", "model.kind=diffusers", "--data", "{nodata}", "--set")
 
 
 # (argv with {placeholders}, exit code, text the single error line must contain)
@@ -68,6 +99,25 @@ CASES = [
      "--vgg16 {missing}: no such file"),
     (["serve", "bundled", "--port", "70000"], 2, "--port must be 1-65535"),
     (["sample", "{nodata}"], 2, "required: --prompt"),
+    # model.family (issue 15): given, detected from model_index.json or transformer/config.json, contradicting
+    (["train", TINY, "--set", "model.family=flux1"], 2,
+     f"--set model.family=flux1: model.family: flux1 (FLUX.1) {NOT_WIRED}"),
+    (["train", TINY, "--set", "model.family=dalle"], 2,
+     "model.family: unknown model family 'dalle'; supported families: flux2, flux1, sd3, qwen_image, sana"),
+    (["train", TINY, *DIFFUSERS, "model.path={flux1}"], 2,
+     f"model.path {{flux1}} holds a model of family flux1, and flux1 (FLUX.1) {NOT_WIRED}"),
+    (["train", TINY, *DIFFUSERS, "model.path={sd3}"], 2,
+     "model.path {sd3} holds a model of family sd3, and sd3 (Stable Diffusion 3 / 3.5) is not supported for training"),
+    (["train", TINY, *DIFFUSERS, "model.path={flux1}", "--set", "model.family=flux2"], 2,
+     "model.family 'flux2' contradicts model.path {flux1}, which holds a model of family flux1"),
+    (["train", TINY, *DIFFUSERS, "model.path={alien}"], 2,
+     "model.path: {alien}/model_index.json describes KandinskyPipeline, not a supported model; supported families: "),
+    (["prep", "cache", "{nodata}", "--config", "{flux1_cfg}"], 2,
+     f"prep cache: {{flux1_cfg}}: model.path {{flux1}} holds a model of family flux1, and flux1 (FLUX.1) {NOT_WIRED}"),
+    (["prep", "subspace", "{nodata}", "--config", "{qwen_cfg}"], 2,
+     f"prep subspace: {{qwen_cfg}}: invalid `model:` section: model.family: qwen_image (Qwen-Image) {NOT_WIRED}"),
+    (["prep", "cache", "{nodata}", "--config", "{dalle_cfg}"], 2, "model.family: unknown model family 'dalle'"),
+    (["sample", "{flux1}", "--prompt", "x"], 2, f"{{flux1}} holds a model of family flux1, and flux1 (FLUX.1) {NOT_WIRED}"),
 ]
 
 
@@ -165,3 +215,40 @@ def test_relative_paths_become_absolute_in_the_resolved_config(tmp_path, monkeyp
     assert hub.model.path == "org/model" and hub.data.path == "s3://b/d"  # hub ids and URLs stay as written
     text = Path(save_resolved(cfg, str(tmp_path / "run"))).read_text()
     assert text.startswith("# Resolved run config") and f"path: {tmp_path.parent / 'data'}" in text
+
+
+# ----------------------------------------------------------------------------------------------- model.family
+
+
+def test_family_names_are_the_registry_and_detection_covers_every_kind(files, tmp_path):
+    from typing import get_args
+
+    from asymflow.components import BUNDLED_PATH, BaseModelConfig, FamilyName
+    from asymflow.families import FAMILIES
+
+    assert get_args(FamilyName) == tuple(FAMILIES)
+    assert BaseModelConfig(kind="tiny").check_family() == "flux2"
+    assert BaseModelConfig(kind="bundled", family="flux2").check_family() == "flux2"
+    assert BaseModelConfig(kind="diffusers", path=str(BUNDLED_PATH)).detected_family() == "flux2"  # its transformer/
+    assert BaseModelConfig(kind="diffusers", path="org/model").detected_family() is None  # a hub id: nothing to read
+    assert BaseModelConfig(kind="diffusers", path=files["flux1"]).detected_family() == "flux1"
+    assert BaseModelConfig(kind="diffusers", path=files["sd3"]).detected_family() == "sd3"
+    for family, pipeline in (("qwen_image", "QwenImagePipeline"), ("sana", "SanaPipeline")):
+        root = write_family_dir(tmp_path / family, family, pipeline)
+        assert BaseModelConfig(kind="diffusers", path=str(root)).detected_family() == family
+
+
+def test_family_does_not_change_the_config_hash():
+    """model.path decides the family: writing the default down (or a run from before the field) resumes alike."""
+    from orchestration.config import load_config
+
+    assert load_config(TINY).config_hash() == load_config(TINY, ["model.family=flux2"]).config_hash()
+
+
+def test_sample_base_of_another_family_is_refused(files):
+    from asymflow.components import BUNDLED_PATH
+    from orchestration.sample_source import base_from_arg
+
+    with pytest.raises(ValueError, match=rf"--base {files['sd3']} holds a model of family sd3, and sd3 .* not wired"):
+        base_from_arg(files["sd3"])
+    assert base_from_arg(str(BUNDLED_PATH)).kind == "bundled"  # a FLUX.2 transformer/ stays accepted
