@@ -35,6 +35,12 @@ _PUBLIC = {
     "AdaptiveConfig": "asymflow.adaptive",
     "SamplingReport": "asymflow.adaptive",
     "sample_adaptive": "asymflow.adaptive",
+    "get_family": "asymflow.families",
+    "detect_family": "asymflow.families",
+    "fit_family_subspace": "asymflow.families.fit",
+    "convert_family_transformer": "asymflow.families.conversion",
+    "export_family_adapter": "asymflow.families.adapter",
+    "load_family_adapter": "asymflow.families.adapter",
 }
 
 __all__ = sorted(_PUBLIC)
