@@ -5,8 +5,8 @@ Importing this package is cheap: family entries are plain data; pixel classes (`
 """
 from __future__ import annotations
 
-from .core import ModelFamily, PatchIO
+from .core import ModelFamily, PatchIO, SamplerDefaults
 from .detect import detect_family
 from .registry import FAMILIES, get_family, supported_families
 
-__all__ = ["FAMILIES", "ModelFamily", "PatchIO", "detect_family", "get_family", "supported_families"]
+__all__ = ["FAMILIES", "ModelFamily", "PatchIO", "SamplerDefaults", "detect_family", "get_family", "supported_families"]

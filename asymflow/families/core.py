@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 
 from asymflow.patching import FeatureOrder, patchify
+from asymflow.timesteps import DynamicShift
 
 PIXEL_CHANNELS = 3  # pixel models see Oklab images (spec §10)
 
@@ -25,6 +26,29 @@ class PatchIO:
     module: str
     kind: Literal["linear", "conv"] = "linear"
     order: FeatureOrder = "channel_first"
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """The family's diffusers pipeline defaults that `families.sampling` follows (`source`: the pipeline file read).
+
+    Grid: σ_i = warp(τ_i; S) with τ_i from `grid` — "linspace" τ = linspace(1, 1/n, n) (FluxPipeline and
+    QwenImagePipeline pass these sigmas), "train_range" τ = linspace(1, warp(1/1000; S), n) (SD3: the Euler flow
+    scheduler's own set_timesteps), "dpm_flow" τ = (1 − 1/1000)·linspace(1, 1/n, n) (Sana's DPM-Solver flow grid) —
+    then, with `shift_terminal`, stretched so that the last σ is shift_terminal (Qwen-Image's scheduler). S is a
+    static shift or a DynamicShift of the token count. CFG: `cfg_scale` is true CFG u_u + w·(u_c − u_u) (1 = off),
+    with `cfg_renorm` rescaled per token to the conditional output's norm (Qwen-Image); `embedded_guidance` is the
+    guidance value a guidance-distilled model takes as input (FLUX.1-dev), None for models without it.
+    """
+
+    steps: int
+    cfg_scale: float
+    shift: float | DynamicShift
+    grid: Literal["linspace", "train_range", "dpm_flow"] = "linspace"
+    shift_terminal: float | None = None
+    cfg_renorm: bool = False
+    embedded_guidance: float | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,7 @@ class ModelFamily:
     latent_config: tuple[tuple[str, tuple[Any, ...]], ...]  # (config key, allowed values): the token geometry
     full_modules: tuple[str, ...]  # trained in full next to a LoRA (spec §9): the patch read-in/out and norm_out
     lora_targets: tuple[str, ...]  # PEFT full-match regexes of the LoRA-adapted Linear layers (any block count)
+    sampler: SamplerDefaults | None = None  # families.sampling's defaults (FLUX.2 samples with asymflow.pipeline)
 
     @property
     def pixel_patch(self) -> int:

@@ -1,7 +1,11 @@
 """FLUX.1 (dev / schnell): FluxTransformer2DModel on 2×2-packed 16-channel latents, T5 + CLIP text, guidance."""
 from __future__ import annotations
 
-from .core import ModelFamily, PatchIO
+import math
+
+from asymflow.timesteps import DynamicShift
+
+from .core import ModelFamily, PatchIO, SamplerDefaults
 
 FLUX1 = ModelFamily(
     name="flux1",
@@ -22,6 +26,16 @@ FLUX1 = ModelFamily(
     latent_config=(("patch_size", (1,)), ("in_channels", (64,)), ("out_channels", (None, 64))),
     full_modules=("x_embedder", "proj_out", "norm_out"),
     # FLUX.2's recipe set on FLUX.1's names: double-block MLPs, timestep embedder, single blocks' fused output.
+    # diffusers/pipelines/flux/pipeline_flux.py (FluxPipeline.__call__ defaults: 28 steps, guidance_scale 3.5 into the
+    # guidance embedding, true_cfg_scale 1; sigmas linspace(1, 1/n, n) shifted by exp(calculate_shift(tokens)) with
+    # FLUX.1-dev's scheduler config: base/max_image_seq_len 256/4096, base/max_shift 0.5/1.15)
+    sampler=SamplerDefaults(
+        steps=28,
+        cfg_scale=1.0,
+        shift=DynamicShift("exp", base_len=256, max_len=4096, base_shift=math.exp(0.5), max_shift=math.exp(1.15)),
+        embedded_guidance=3.5,
+        source="diffusers/pipelines/flux/pipeline_flux.py",
+    ),
     lora_targets=(
         r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
         r"transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)",

@@ -1,7 +1,11 @@
 """Qwen-Image: QwenImageTransformer2DModel on 2×2-packed 16-channel latents of its own 3D VAE, Qwen2.5-VL text."""
 from __future__ import annotations
 
-from .core import ModelFamily, PatchIO
+import math
+
+from asymflow.timesteps import DynamicShift
+
+from .core import ModelFamily, PatchIO, SamplerDefaults
 
 QWEN_IMAGE = ModelFamily(
     name="qwen_image",
@@ -23,6 +27,17 @@ QWEN_IMAGE = ModelFamily(
     latent_config=(("patch_size", (2,)), ("in_channels", (64,)), ("out_channels", (16,))),
     full_modules=("img_in", "proj_out", "norm_out"),
     # FLUX.2's recipe set on Qwen-Image's names (dual-stream blocks only: image and text MLPs, attention output).
+    # diffusers/pipelines/qwenimage/pipeline_qwenimage.py (50 steps, true_cfg_scale 4 with the combined prediction
+    # rescaled per token to the conditional one's norm; sigmas linspace(1, 1/n, n) shifted by exp(calculate_shift)
+    # with Qwen-Image's scheduler config: base/max_image_seq_len 256/8192, base/max_shift 0.5/0.9, shift_terminal 0.02)
+    sampler=SamplerDefaults(
+        steps=50,
+        cfg_scale=4.0,
+        shift=DynamicShift("exp", base_len=256, max_len=8192, base_shift=math.exp(0.5), max_shift=math.exp(0.9)),
+        shift_terminal=0.02,
+        cfg_renorm=True,
+        source="diffusers/pipelines/qwenimage/pipeline_qwenimage.py",
+    ),
     lora_targets=(
         r"transformer_blocks\.\d+\.img_mlp\.net\.(0\.proj|2)",
         r"transformer_blocks\.\d+\.txt_mlp\.net\.(0\.proj|2)",

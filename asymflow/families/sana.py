@@ -1,7 +1,7 @@
 """Sana: SanaTransformer2DModel on 32-channel latents of the 32× DC-AE (patch 1), Gemma-2 text: pixel patch 32."""
 from __future__ import annotations
 
-from .core import ModelFamily, PatchIO
+from .core import ModelFamily, PatchIO, SamplerDefaults
 
 SANA = ModelFamily(
     name="sana",
@@ -23,6 +23,10 @@ SANA = ModelFamily(
     latent_config=(("patch_size", (1,)), ("in_channels", (32,)), ("out_channels", (None, 32))),
     full_modules=("patch_embed.proj", "proj_out", "scale_shift_table"),  # Sana's output modulation is a parameter
     # FLUX.2's recipe set on Sana's names: the Mix-FFN, the timestep embedder, self-attention output.
+    # diffusers/pipelines/sana/pipeline_sana.py (20 steps, guidance_scale 4.5 as true CFG); Sana's scheduler is
+    # DPM-Solver++ with flow_shift 3: its σ grid here, integrated with Euler (families.sampling)
+    sampler=SamplerDefaults(steps=20, cfg_scale=4.5, shift=3.0, grid="dpm_flow",
+                            source="diffusers/pipelines/sana/pipeline_sana.py"),
     lora_targets=(
         r"transformer_blocks\.\d+\.ff\.conv_(inverted|point)",
         r"time_embed\.emb\.timestep_embedder\.linear_[12]",

@@ -1,7 +1,7 @@
 """SD3 / SD3.5: SD3Transformer2DModel with a conv patch embedding (patch 2) on 16-channel latents, t = 1000·σ."""
 from __future__ import annotations
 
-from .core import ModelFamily, PatchIO
+from .core import ModelFamily, PatchIO, SamplerDefaults
 
 SD3 = ModelFamily(
     name="sd3",
@@ -23,6 +23,11 @@ SD3 = ModelFamily(
     latent_config=(("patch_size", (2,)), ("in_channels", (16,)), ("out_channels", (None, 16))),
     full_modules=("pos_embed.proj", "proj_out", "norm_out"),
     # FLUX.2's recipe set on SD3's names (no single blocks: the joint blocks' attention output instead).
+    # diffusers/pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py (28 steps, guidance_scale 7 as true CFG
+    # uncond + w·(text − uncond)); the grid is FlowMatchEulerDiscreteScheduler.set_timesteps(n) with SD3/SD3.5's
+    # static shift 3
+    sampler=SamplerDefaults(steps=28, cfg_scale=7.0, shift=3.0, grid="train_range",
+                            source="diffusers/pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py"),
     lora_targets=(
         r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
         r"transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)",
