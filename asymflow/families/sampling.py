@@ -96,6 +96,9 @@ def sample_family(
     model's algebra dtype (fp64 for an fp64 model, else fp32). Returns images in [−1,1] (Oklab-decoded), or the
     final normalised-Oklab sample with decode=False.
     """
+    if not isinstance(model, AsymFlowPixelMixin):
+        raise TypeError(f"model must be a family's pixel model (families.pixel.AsymFlowPixelMixin), got "
+                        f"{type(model).__name__}; FLUX.2 samples with asymflow.pipeline")
     family = model.family()
     defaults = family.sampler
     if defaults is None:

@@ -168,3 +168,5 @@ def test_seeded_images(converted) -> None:
     assert not torch.equal(first, sample_family(pixel, text, extra, neg_text, neg_extra, seed=4, **run))
     with pytest.raises(ValueError, match="multiples of the pixel patch"):
         sample_family(pixel, text, extra, neg_text, neg_extra, seed=3, **{**run, "height": H + 1})
+    with pytest.raises(TypeError, match="asymflow.pipeline"):  # a latent model is not a family's pixel model
+        sample_family(build_tiny_family_transformer(name), text, extra, neg_text, neg_extra, seed=3, **run)
