@@ -8,5 +8,9 @@ from __future__ import annotations
 from .core import ModelFamily, PatchIO, SamplerDefaults
 from .detect import detect_family
 from .registry import FAMILIES, get_family, supported_families
+from .text import encode_family_prompts, sampling_inputs
 
-__all__ = ["FAMILIES", "ModelFamily", "PatchIO", "SamplerDefaults", "detect_family", "get_family", "supported_families"]
+__all__ = [
+    "FAMILIES", "ModelFamily", "PatchIO", "SamplerDefaults", "detect_family", "encode_family_prompts", "get_family",
+    "sampling_inputs", "supported_families",
+]
