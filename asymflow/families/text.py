@@ -55,11 +55,15 @@ def _t5(tokenizer, encoder, prompts: list[str], max_length: int) -> torch.Tensor
     return encoder(ids.to(_device(encoder)))[0].to(encoder.dtype)
 
 
-def _flux2(c: Components, prompts: list[str], negative: bool, max_sequence_length: int = 512) -> Encoded:
+def _flux2(c: Components, prompts: list[str], negative: bool, max_sequence_length: int = 512,
+           text_encoder_out_layers: Sequence[int] = (9, 18, 27)) -> Encoded:
+    # diffusers/pipelines/flux2/pipeline_flux2_klein.py: Flux2KleinPipeline._get_qwen3_prompt_embeds (negatives,
+    # "" by default, the same way); asymflow.text.encode_prompts is that encoding
     from asymflow.text import encode_prompts
 
-    return {"encoder_hidden_states": encode_prompts(c["text_encoder"], c["tokenizer"], prompts,
-                                                    max_length=max_sequence_length)}
+    encoder = c["text_encoder"]
+    return {"encoder_hidden_states": encode_prompts(encoder, c["tokenizer"], prompts, text_encoder_out_layers,
+                                                    max_sequence_length, dtype=encoder.dtype)}
 
 
 def _flux1(c: Components, prompts: list[str], negative: bool, max_sequence_length: int = 512) -> Encoded:
@@ -145,6 +149,11 @@ def _sana(c: Components, prompts: list[str], negative: bool, max_sequence_length
     return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
 
+_ONE = ("tokenizer", "text_encoder")
+_TWO = (*_ONE, "tokenizer_2", "text_encoder_2")
+REQUIRED: dict[str, tuple[str, ...]] = {  # the pipeline's component names each encoding reads
+    "flux2": _ONE, "flux1": _TWO, "sd3": (*_TWO, "tokenizer_3", "text_encoder_3"), "qwen_image": _ONE, "sana": _ONE,
+}
 ENCODERS: dict[str, Callable[..., Encoded]] = {
     "flux2": _flux2, "flux1": _flux1, "sd3": _sd3, "qwen_image": _qwen_image, "sana": _sana,
 }
@@ -155,13 +164,17 @@ def encode_family_prompts(family: str, text_components: Components, prompts: str
                           negative: bool = False, **options: Any) -> Encoded:
     """Prompts → the family's text conditioning (see the module docstring). `options`: the pipeline's encoding
     arguments — max_sequence_length (all families; each pipeline's __call__ default), clip_skip (sd3),
-    complex_human_instruction (sana; [] turns it off)."""
+    complex_human_instruction (sana; [] turns it off), text_encoder_out_layers (flux2)."""
     from .registry import get_family
 
     name = get_family(family).name
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts to encode")
+    missing = [key for key in REQUIRED[name] if text_components.get(key) is None]
+    if missing:
+        raise ValueError(f"{name} prompt encoding needs text components {', '.join(missing)} "
+                         f"(the {get_family(name).title} pipeline's names); got {sorted(text_components)}")
     return ENCODERS[name](text_components, prompts, negative, **options)
 
 
@@ -175,4 +188,4 @@ def sampling_inputs(encoded: Encoded, negative: Encoded | None = None) -> dict[s
     return inputs
 
 
-__all__ = ["ENCODERS", "QWEN_IMAGE_TEMPLATE", "encode_family_prompts", "sampling_inputs", "sana_default_instruction"]
+__all__ = ["ENCODERS", "REQUIRED", "QWEN_IMAGE_TEMPLATE", "encode_family_prompts", "sampling_inputs", "sana_default_instruction"]

@@ -4,6 +4,8 @@ from tiny text encoders/tokenizers of the released classes and the family's tiny
 two prompts of different lengths and for the negative prompts of true CFG; and sampling runs on what it encodes."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import (
@@ -82,6 +84,33 @@ def test_encoding_is_the_pipelines_encode_prompt(family_pipeline) -> None:
     assert_bitwise(negative, theirs_negative)
     # a pipeline's components dict works as text_components too
     assert_bitwise(encode_family_prompts(name, pipe.components, PROMPTS), theirs)
+    if name == "sd3":  # clip_skip picks an earlier CLIP layer for prompts, never for the negatives
+        with torch.no_grad():
+            skipped, skipped_negative, _, _ = pipe.encode_prompt(PROMPTS, None, None, negative_prompt=NEGATIVES,
+                                                                 clip_skip=1)
+        ours = encode_family_prompts(name, components, PROMPTS, clip_skip=1)
+        assert torch.equal(ours["encoder_hidden_states"], skipped)
+        assert not torch.equal(skipped, theirs["encoder_hidden_states"])
+        assert torch.equal(encode_family_prompts(name, components, NEGATIVES, negative=True, clip_skip=1)
+                           ["encoder_hidden_states"], skipped_negative)
+
+
+def test_mixed_dtypes_are_cast_as_the_pipeline_casts(family_pipeline) -> None:
+    """Encoders in other dtypes (FLUX.1: bf16 T5, fp32 CLIP; SD3: bf16 CLIP-L and T5, fp32 CLIP-G; a bf16 LLM): the
+    outputs' dtypes and values are the pipeline's (SD3 casts both CLIP states to CLIP-L's dtype, not the pooled)."""
+    name, components, pipe = family_pipeline
+    components = copy.deepcopy(components)
+    half = {"flux1": ("text_encoder_2",), "sd3": ("text_encoder", "text_encoder_3")}.get(name, ("text_encoder",))
+    for key in half:
+        components[key].to(torch.bfloat16)
+    mixed = PIPELINES[name](transformer=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler, **components)
+    theirs, theirs_negative = pipeline_encoding(name, mixed, PROMPTS, NEGATIVES)
+    assert_bitwise(encode_family_prompts(name, components, PROMPTS), theirs)
+    assert_bitwise(encode_family_prompts(name, components, NEGATIVES, negative=True), theirs_negative)
+    # SD3: CLIP-G's fp32 states cast to CLIP-L's bf16 before joining bf16 T5; bf16 ‖ fp32 pooled promotes to fp32
+    assert theirs["encoder_hidden_states"].dtype == torch.bfloat16
+    if name in ("flux1", "sd3"):
+        assert theirs["pooled_projections"].dtype == torch.float32
 
 
 def test_layout_follows_the_family_convention(family_pipeline) -> None:
@@ -96,10 +125,10 @@ def test_layout_follows_the_family_convention(family_pipeline) -> None:
         assert states.shape == (2, CLIP_MAX_LENGTH + 256, TINY_TEXT_WIDTH)
         assert torch.count_nonzero(states[:, :CLIP_MAX_LENGTH, 24:]) == 0
         assert torch.count_nonzero(states[:, :CLIP_MAX_LENGTH, :24] == 0) == 0
-        t5 = encode_family_prompts("flux1", {**components, "tokenizer_2": components["tokenizer_3"],
-                                             "text_encoder_2": components["text_encoder_3"]}, PROMPTS,
-                                   max_sequence_length=256)
-        assert torch.equal(states[:, CLIP_MAX_LENGTH:], t5["encoder_hidden_states"])
+        ids = components["tokenizer_3"](PROMPTS, padding="max_length", max_length=256, return_tensors="pt").input_ids
+        with torch.no_grad():
+            t5 = components["text_encoder_3"](ids).last_hidden_state
+        assert torch.equal(states[:, CLIP_MAX_LENGTH:], t5)
         assert ours["pooled_projections"].shape == (2, 8 + 8)
     elif name == "qwen_image":  # system prefix dropped: prompt words + the template's 5 closing tokens, right-padded
         lengths = [len(p.split()) + QWEN_SUFFIX for p in PROMPTS]
@@ -125,11 +154,41 @@ def pipe_mask_is_none(pipe) -> bool:
     return pipe.encode_prompt(PROMPTS[:1], max_sequence_length=512)[1] is None
 
 
+@torch.no_grad()
+def test_flux2_is_the_klein_pipelines_encode_prompt() -> None:
+    """FLUX.2 goes through asymflow.text.encode_prompts: Flux2KleinPipeline's encoding (negatives the same way)."""
+    from diffusers import Flux2KleinPipeline
+
+    from asymflow.tiny import (
+        TINY_MAX_LENGTH,
+        TINY_TEXT_HIDDEN,
+        TINY_TEXT_LAYERS,
+        build_tiny_text_encoder,
+        build_tiny_tokenizer,
+        build_tiny_transformer,
+        build_tiny_vae,
+    )
+
+    components = {"tokenizer": build_tiny_tokenizer(), "text_encoder": build_tiny_text_encoder()}
+    pipe = Flux2KleinPipeline(FlowMatchEulerDiscreteScheduler(), build_tiny_vae(), transformer=build_tiny_transformer(),
+                              **components)
+    options = dict(max_sequence_length=TINY_MAX_LENGTH, text_encoder_out_layers=TINY_TEXT_LAYERS)
+    for prompts in (PROMPTS, ["", ""]):
+        theirs, _ = pipe.encode_prompt(prompts, **options)
+        ours = encode_family_prompts("flux2", components, prompts, **options)
+        assert_bitwise(ours, {"encoder_hidden_states": theirs})
+        assert theirs.shape == (2, TINY_MAX_LENGTH, len(TINY_TEXT_LAYERS) * TINY_TEXT_HIDDEN)
+
+
 def test_unknown_family_is_refused() -> None:
     with pytest.raises(ValueError, match="flux1"):
         encode_family_prompts("sdxl", {}, PROMPTS)
     with pytest.raises(ValueError, match="no prompts"):
         encode_family_prompts("sd3", {}, [])
+    flux1 = build_tiny_text_components("flux1")
+    del flux1["text_encoder_2"]
+    with pytest.raises(ValueError, match="text_encoder_2"):
+        encode_family_prompts("flux1", flux1, PROMPTS)
 
 
 def test_sampling_from_encoded_prompts(family_pipeline) -> None:
