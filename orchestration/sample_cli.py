@@ -3,16 +3,16 @@ with the prompt, seed and settings in each file's metadata."""
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestration.png_metadata import METADATA_KEY, png_info
+
 PIXEL_MULTIPLE = 16  # one transformer token = one 16×16 pixel patch
 DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_GUIDANCE = 1024, 32, 4.0  # spec §11.5 benchmark settings
-METADATA_KEY = "asymflow"  # PNG text chunk holding every setting as JSON
 
 
 def add_sample_command(sub: argparse._SubParsersAction) -> None:
@@ -91,20 +91,6 @@ def available_bytes(device: str) -> int:
 
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit] or "sample"
-
-
-def png_metadata(prompt: str, negative: str, seed: int, settings: dict[str, Any]):
-    """PNG text chunks: prompt, negative_prompt, seed, and every setting as JSON under 'asymflow'."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("prompt", prompt)
-    info.add_text("negative_prompt", negative)
-    info.add_text("seed", str(seed))
-    info.add_text(METADATA_KEY, json.dumps({"prompt": prompt, "negative_prompt": negative, "seed": seed, **settings},
-                                           sort_keys=True))
-    info.add_text("Software", "asymflow")
-    return info
 
 
 def check_sampler(args: argparse.Namespace) -> None:
@@ -205,7 +191,7 @@ def sample_to_pngs(args: argparse.Namespace) -> list[Path]:
         # what this image cost: the adaptive sampler's NFE differs per prompt and seed
         spent = {"sampler": args.sampler, "tol": args.tol, "max_nfe": args.max_nfe, "nfe": output.nfe}
         target = out / f"{slug(args.prompt)}-seed{seed}.png"
-        output.images[0].save(target, pnginfo=png_metadata(args.prompt, args.negative_prompt, seed,
-                                                           {**settings, **spent}))
+        output.images[0].save(target, pnginfo=png_info(
+            {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, **settings, **spent}, "asymflow"))
         written.append(target)
     return written

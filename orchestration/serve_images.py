@@ -1,23 +1,18 @@
 """Images `asymflow serve` writes: the PNG with prompt and settings in its metadata, the latent comparison panel."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
-from PIL.PngImagePlugin import PngInfo
+
+from orchestration.png_metadata import png_info
 
 
 def png_with_metadata(image: Image.Image, path: Path, settings: dict[str, Any]) -> Path:
-    """Save `image` as PNG with text chunks: prompt, negative_prompt, and all settings as JSON in `parameters`."""
-    info = PngInfo()
-    info.add_text("prompt", settings["prompt"])
-    info.add_text("negative_prompt", settings["negative_prompt"])
-    info.add_text("parameters", json.dumps(settings, sort_keys=True))
-    info.add_text("Software", "asymflow serve")
+    """Save `image` as PNG with the text chunks of `orchestration.png_metadata` (as `asymflow sample` writes them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, "PNG", pnginfo=info)
+    image.save(path, "PNG", pnginfo=png_info(settings, "asymflow serve"))
     return path
 
 

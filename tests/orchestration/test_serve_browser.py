@@ -162,7 +162,7 @@ def test_generate_download_and_metadata(page, server, tmp_path) -> None:
     with Image.open(saved) as im:
         assert im.format == "PNG" and im.size == (144, 112)
         meta = dict(im.text)
-    params = json.loads(meta["parameters"])
+    params = json.loads(meta["asymflow"])
     assert meta["prompt"] == "astronaut" and meta["negative_prompt"] == "blurry"
     assert params["width"] == 144 and params["height"] == 112 and params["steps"] == 12
     assert params["seed"] == seed and params["guidance"] == 4.0 and params["source"] == "bundled"
@@ -213,7 +213,7 @@ def test_reference_upload_and_bad_input(page, server, tmp_path) -> None:
         page.click("#download")
     info.value.save_as(tmp_path / "with_reference.png")
     with Image.open(tmp_path / "with_reference.png") as im:
-        params = json.loads(im.text["parameters"])
+        params = json.loads(im.text["asymflow"])
     assert params["reference_image"] is True and params["prompt"] == "" and (params["width"], params["height"]) == (
         160, 96)
     page.screenshot(path=str(SCREENSHOTS / "after_errors.png"), full_page=True)

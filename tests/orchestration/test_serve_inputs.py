@@ -87,7 +87,7 @@ def test_png_metadata_round_trip_and_panel(tmp_path) -> None:
     path = png_with_metadata(Image.new("RGB", (64, 48), "red"), tmp_path / "x" / "a.png", settings)
     with Image.open(path) as im:
         assert im.size == (64, 48) and im.text["prompt"] == "ünïcode moon"
-        assert json.loads(im.text["parameters"]) == settings
+        assert json.loads(im.text["asymflow"]) == settings and im.text["seed"] == "3"
     a = Image.new("RGB", (64, 48), "red")
     a.putpixel((32, 24), (0, 0, 255))
     zoom = zoomed_crop(a)
