@@ -16,6 +16,7 @@ instruction; the other families: as prompts). `text_components` maps the pipelin
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -117,8 +118,6 @@ def _qwen_image(c: Components, prompts: list[str], negative: bool, max_sequence_
 
 def sana_default_instruction() -> list[str]:
     """SanaPipeline.__call__'s default complex_human_instruction, read from its signature (never a stale copy)."""
-    import inspect
-
     from diffusers import SanaPipeline
 
     return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
@@ -171,15 +170,23 @@ def encode_family_prompts(family: str, text_components: Components, prompts: str
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts to encode")
+    encoder = ENCODERS[name]
+    accepted = list(inspect.signature(encoder).parameters)[3:]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name} prompt encoding has no option {', '.join(unknown)}; it takes {', '.join(accepted)}")
     missing = [key for key in REQUIRED[name] if text_components.get(key) is None]
     if missing:
         raise ValueError(f"{name} prompt encoding needs text components {', '.join(missing)} "
                          f"(the {get_family(name).title} pipeline's names); got {sorted(text_components)}")
-    return ENCODERS[name](text_components, prompts, negative, **options)
+    return encoder(text_components, prompts, negative, **options)
 
 
 def sampling_inputs(encoded: Encoded, negative: Encoded | None = None) -> dict[str, Any]:
     """`families.sampling.sample_family` keyword arguments from encoded prompts (and negatives for true CFG)."""
+    if negative is not None and len(negative["encoder_hidden_states"]) != len(encoded["encoder_hidden_states"]):
+        raise ValueError(f"{len(negative['encoder_hidden_states'])} negative prompts for "
+                         f"{len(encoded['encoder_hidden_states'])} prompts: encode one negative per prompt")
     rest = dict(encoded)
     inputs: dict[str, Any] = {"prompt_embeds": rest.pop("encoder_hidden_states"), "conditioning": rest}
     if negative is not None:
@@ -188,4 +195,7 @@ def sampling_inputs(encoded: Encoded, negative: Encoded | None = None) -> dict[s
     return inputs
 
 
-__all__ = ["ENCODERS", "REQUIRED", "QWEN_IMAGE_TEMPLATE", "encode_family_prompts", "sampling_inputs", "sana_default_instruction"]
+__all__ = [
+    "ENCODERS", "QWEN_IMAGE_TEMPLATE", "REQUIRED", "encode_family_prompts", "sampling_inputs",
+    "sana_default_instruction",
+]

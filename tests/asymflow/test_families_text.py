@@ -189,6 +189,11 @@ def test_unknown_family_is_refused() -> None:
     del flux1["text_encoder_2"]
     with pytest.raises(ValueError, match="text_encoder_2"):
         encode_family_prompts("flux1", flux1, PROMPTS)
+    with pytest.raises(ValueError, match="no option clip_skip; it takes max_sequence_length"):
+        encode_family_prompts("flux1", flux1, PROMPTS, clip_skip=1)
+    encoded = {"encoder_hidden_states": torch.zeros(2, 3, 4)}
+    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+        sampling_inputs(encoded, {"encoder_hidden_states": torch.zeros(1, 3, 4)})
 
 
 def test_sampling_from_encoded_prompts(family_pipeline) -> None:
