@@ -41,6 +41,9 @@ _PUBLIC = {
     "convert_family_transformer": "asymflow.families.conversion",
     "export_family_adapter": "asymflow.families.adapter",
     "load_family_adapter": "asymflow.families.adapter",
+    "encode_family_prompts": "asymflow.families.text",
+    "sampling_inputs": "asymflow.families.text",
+    "sample_family": "asymflow.families.sampling",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -1,7 +1,8 @@
 """Sampling a converted pixel model of a non-FLUX.2 family with that family's own sampler defaults and CFG (issue 15).
 
-Input is text conditioning as tensors in the family's own form (prompt encoding — the family's text encoders and
-tokenizers — is not part of this module yet; neither is a pipeline class or `asymflow sample` wiring):
+Input is text conditioning as tensors in the family's own form (`asymflow.families.text.encode_family_prompts` makes
+them as the family's diffusers pipeline does, `sampling_inputs` passes them here; no pipeline class or `asymflow sample`
+wiring yet):
   FLUX.1:     T5 states [B,L,4096] + pooled_projections (CLIP pooled) [B,768]; a guidance-distilled model (dev)
               also takes the guidance value, which the sampler passes (`embedded_guidance`); true CFG off by default.
   SD3 / 3.5:  joint states [B,L,4096] + pooled_projections [B,2048]; true CFG with the negative prompt's pair.
