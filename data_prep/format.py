@@ -186,17 +186,21 @@ def load_manifest(data_dir: str) -> dict[str, Any]:
 
 
 def read_parquet(f: BinaryIO) -> pa.Table:
-    """The whole table of an open (fsspec or local) parquet file, read synchronously.
+    """The whole table of an open (fsspec or local) parquet file.
 
-    Not `pq.read_table(f)`: on a Python file object that goes through Arrow's asynchronous dataset scanner, whose
-    pool thread can drop the last reference to the file wrapper after the interpreter has begun to exit; the wrapper's
-    destructor then asks for the GIL, Python ends that thread, and the process dies with "terminate called without an
-    active exception" (seen in about 1 in 4 runs of a 3-read script, and in `prep cache` inside a Ray job).
-    `ParquetFile` reads in the calling thread and releases the file there.
+    Arrow is never given a Python object to read from: its pool threads can drop their last reference to one (the
+    file wrapper, or a buffer of bytes read from it) after the interpreter has begun to exit; the destructor then asks
+    for the GIL, Python ends that thread, and the process dies with "terminate called without an active exception".
+    Seen three ways: `pq.read_table(f)`'s dataset scanner, threaded column decoding and the IO pool's `ReadAsync`
+    (`prep cache` inside a Ray job; commands that exit right after `DatasetIndex.open`). So the bytes are copied into
+    a buffer Arrow allocated and owns (one more copy of a table that is read whole anyway).
     """
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(f).read()
+    data = f.read()
+    owned = pa.allocate_buffer(len(data))
+    memoryview(owned).cast("B")[:] = data
+    return pq.ParquetFile(pa.BufferReader(owned)).read()
 
 
 def load_sample_table(data_dir: str) -> pa.Table:
