@@ -23,7 +23,8 @@ def text_component_names(family: str) -> tuple[str, ...]:
 def load_pipeline_components(path: str | Path, names: Sequence[str], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """{name: component} for `names` of the diffusers pipeline directory `path`, each loaded with the class its
     model_index.json names (["diffusers" | "transformers", class]) from the subfolder of that name; models in
-    `dtype`, in eval mode, frozen. A ValueError names a missing model_index.json or component."""
+    `dtype`, in eval mode, frozen. A one-line ValueError names a missing model_index.json, a component it lacks or
+    one whose files do not load."""
     root = Path(path).expanduser()
     index_file = root / "model_index.json"
     if not index_file.is_file():
@@ -37,13 +38,19 @@ def load_pipeline_components(path: str | Path, names: Sequence[str], dtype: torc
         library, class_name = entry
         if library not in ("diffusers", "transformers"):
             raise ValueError(f"{index_file}: component {name!r} comes from {library!r}; expected diffusers or transformers")
-        cls = getattr(importlib.import_module(library), class_name)
-        if issubclass(cls, torch.nn.Module):
-            # diffusers and transformers name the load dtype differently
-            kwargs = {"torch_dtype": dtype} if library == "diffusers" else {"dtype": dtype}
-            obj = cls.from_pretrained(str(root), subfolder=name, **kwargs).eval().requires_grad_(False)
-        else:
-            obj = cls.from_pretrained(str(root), subfolder=name)
+        cls = getattr(importlib.import_module(library), class_name, None)
+        if cls is None:
+            raise ValueError(f"{index_file}: component {name!r} is a {library}.{class_name}, which this {library} lacks")
+        try:
+            if issubclass(cls, torch.nn.Module):
+                # diffusers and transformers name the load dtype differently
+                kwargs = {"torch_dtype": dtype} if library == "diffusers" else {"dtype": dtype}
+                obj = cls.from_pretrained(str(root), subfolder=name, **kwargs).eval().requires_grad_(False)
+            else:
+                obj = cls.from_pretrained(str(root), subfolder=name)
+        except (OSError, ValueError) as exc:  # missing or unreadable files: one line naming the component
+            reason = " ".join(str(exc).split())
+            raise ValueError(f"{root / name}: cannot load the {name} component ({class_name}): {reason}") from None
         out[name] = obj
     return out
 

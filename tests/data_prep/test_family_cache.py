@@ -185,8 +185,52 @@ def _sizes(data: Path) -> list[tuple[int, int]]:
     return [(dataset.row(i)["height"], dataset.row(i)["width"]) for i in range(len(dataset))]
 
 
-def test_subspace_refuses_a_cache_of_another_family(flux1, tmp_path) -> None:
-    tiny = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
-    refused = run_cli("prep", "subspace", str(flux1["data"]), "--config", tiny, "--output", str(tmp_path / "s"))
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-    assert "error: prep subspace: the cache in" in refused.stderr and "diffusers:" in refused.stderr
+def test_subspace_refuses_a_cache_of_another_family_or_rank(flux1, tmp_path) -> None:
+    # In process: a CLI process that exits right after DatasetIndex.open sometimes aborts at interpreter exit
+    # ("terminate called without an active exception", exit 134; on the base commit too, FLUX.2 data alike).
+    from data_prep.subspace_job import fit_subspace
+
+    tiny = load_model_config(str(Path(__file__).parents[2] / "configs" / "tiny.yaml"))
+    with pytest.raises(CacheMismatchError, match="was built with model 'diffusers:.*', the config names 'tiny:seed=0'"):
+        fit_subspace(str(flux1["data"]), tiny, output=str(tmp_path / "s.safetensors"), progress=False)
+    cfg = load_model_config(str(flux1["config"]))
+    with pytest.raises(ValueError, match="--rank 128: a Procrustes fit's rank is the latent token width, 64"):
+        fit_subspace(str(flux1["data"]), cfg, rank=128, output=str(tmp_path / "s.safetensors"), progress=False)
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_bad_flux1_inputs_are_one_error_line(flux1, tmp_path) -> None:
+    import shutil
+
+    model = Path(shutil.copytree(flux1["model"], tmp_path / "model"))
+    for weights in (model / "text_encoder_2").glob("*.safetensors"):
+        weights.unlink()
+    config = tmp_path / "broken.yaml"
+    config.write_text(f"model:\n  kind: diffusers\n  path: {model}\n")
+    data = copy_dataset(flux1["data"], tmp_path / "data")
+    broken = run_cli("prep", "cache", str(data), "--config", str(config), "--overwrite")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr
+    lines = [line for line in broken.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and f"{model}/text_encoder_2: cannot load the text_encoder_2 component" in lines[0]
+
+
+def test_flux1_pca_fit_defaults_to_the_flux1_latent_width(flux1, tmp_path) -> None:
+    from data_prep.subspace_job import fit_subspace
+
+    artifact, _ = fit_subspace(str(flux1["data"]), load_model_config(str(flux1["config"])), num_images=12,
+                               method="pca", output=str(tmp_path / "pca.safetensors"), progress=False)
+    assert artifact.basis.shape == (768, 64) and artifact.scale == 1.0 and artifact.extra["family"] == "flux1"
+    assert artifact.feature_order == "channel_last" and artifact.patch_size == 16
+
+
+def test_flux2_cache_identity_keeps_its_fields_and_old_manifests_read_as_flux2() -> None:
+    from data_prep.cache import CacheIdentity, cache_manifest
+
+    identity = CacheIdentity.of(load_model_config(str(Path(__file__).parents[2] / "configs" / "tiny.yaml")), "bf16", "h")
+    manifest = cache_manifest(identity, [], 1)
+    assert "family" not in manifest and "text_tensors" not in manifest  # FLUX.2 index.json bytes as before
+    assert manifest["members"] == {"latents": "{key}.latent.safetensors", "text_embeds": "{key}.text.safetensors"}
+    read = CacheIdentity.from_manifest(manifest)
+    assert read == identity and (read.family, read.text_tensors) == ("flux2", ("text_embeds",))
+    flux1 = CacheIdentity.from_manifest({**manifest, "family": "flux1", "text_tensors": list(TEXT)})
+    assert [d.split(":")[0] for d in identity.differences(flux1)] == ["family", "text_tensors"]
