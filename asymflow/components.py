@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from . import tiny
 
@@ -15,10 +15,13 @@ ALL_PARTS: tuple[Part, ...] = ("transformer", "vae", "text_encoder", "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The small trained base shipped with the repo (scripts/train_tiny_base.py writes it; see its MODEL_CARD.md).
 BUNDLED_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_base"
-# `model.family`: the names of asymflow.families.FAMILIES (a test keeps them equal). Training, data prep and sampling
-# are wired for TRAINING_FAMILY only; the others' conversion is proven (seamless-init identity, adapter round trip).
+# `model.family`: the names of asymflow.families.FAMILIES (a test keeps them equal). Training and sampling are wired
+# for TRAINING_FAMILY only; the others' conversion is proven (seamless-init identity, adapter round trip).
 FamilyName = Literal["flux2", "flux1", "sd3", "qwen_image", "sana"]
 TRAINING_FAMILY = "flux2"
+# Data prep (`prep cache`, `prep subspace`) is wired for these; it validates its `model:` section with
+# `context={"families": DATA_PREP_FAMILIES}` and calls `check_family(DATA_PREP_FAMILIES)`.
+DATA_PREP_FAMILIES: tuple[str, ...] = (TRAINING_FAMILY, "flux1")
 
 
 def _family_names() -> str:
@@ -28,11 +31,13 @@ def _family_names() -> str:
 
 
 def unwired_family_message(name: str) -> str:
-    """Why a family other than TRAINING_FAMILY is refused by training, data prep and sampling."""
+    """Why a family other than TRAINING_FAMILY is refused by training and sampling (and data prep, outside
+    DATA_PREP_FAMILIES)."""
     from .families import get_family
 
+    unwired = "training and sampling" if name in DATA_PREP_FAMILIES else "training, data prep and sampling"
     return (f"{name} ({get_family(name).title}) is not supported for training yet: its conversion is proven "
-            f"(seamless-init identity, adapter round trip; asymflow.families) but training, data prep and sampling "
+            f"(seamless-init identity, adapter round trip; asymflow.families) but {unwired} "
             f"are not wired for it; the supported training family is {TRAINING_FAMILY}")
 
 
@@ -53,14 +58,16 @@ class BaseModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     family: FamilyName | None = Field(
         None, description="the latent model family; when omitted, read from a local model.path's model_index.json or "
-        "transformer/config.json (`detected_family`); only flux2 is wired for training, data prep and sampling")
+        "transformer/config.json (`detected_family`); only flux2 is wired for training and sampling, flux2 and flux1 "
+        "for data prep (prep cache, prep subspace)")
 
     @field_validator("family", mode="before")
     @classmethod
-    def _known_family(cls, value: Any) -> Any:
+    def _known_family(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None and value not in get_args(FamilyName):
             raise ValueError(f"unknown model family {value!r}; supported families: {_family_names()}")
-        if value not in (None, TRAINING_FAMILY):
+        # Training and sampling accept TRAINING_FAMILY only; data prep passes its wider set as validation context.
+        if value not in (None, *(info.context or {}).get("families", (TRAINING_FAMILY,))):
             raise ValueError(unwired_family_message(value))
         return value
 
@@ -89,9 +96,10 @@ class BaseModelConfig(BaseModel):
                 return detect_family(source).name
         return None
 
-    def check_family(self) -> str:
-        """The model's family, given (`family`) or detected (`detected_family`), if training can use it; ValueError
-        (one line, naming model.path) for a model of another family or one that contradicts `family`."""
+    def check_family(self, families: tuple[str, ...] = (TRAINING_FAMILY,)) -> str:
+        """The model's family, given (`family`) or detected (`detected_family`), if it is one of `families` (those
+        training can use, by default); ValueError (one line, naming model.path) for a model of another family or one
+        that contradicts `family`."""
         try:
             detected = self.detected_family()
         except ValueError as exc:
@@ -100,7 +108,7 @@ class BaseModelConfig(BaseModel):
             raise ValueError(f"model.family {self.family!r} contradicts model.path {self.path}, which holds a "
                              f"model of family {detected}; fix model.family or leave it out to use the detected family")
         family = self.family or detected or TRAINING_FAMILY
-        if family != TRAINING_FAMILY:
+        if family not in families:
             raise ValueError(f"model.path {self.path} holds a model of family {family}, and "
                              f"{unwired_family_message(family)}")
         return family

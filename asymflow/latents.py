@@ -31,6 +31,15 @@ def posterior_seed(key: str, seed: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid torch seed
 
 
+def posterior_noise(latents: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """n ~ N(0, I) shaped like `latents` [B, ...], image i's drawn on the CPU from `Generator().manual_seed(seeds[i])`
+    (so a draw never depends on batching or device), then moved to the latents' device and dtype."""
+    noise = torch.stack(
+        [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+    return noise.to(latents.device, latents.dtype)
+
+
 @torch.no_grad()
 def encode_latents(
     vae, images: torch.Tensor, posterior: Posterior = "mode", seeds: Sequence[int] | None = None
@@ -53,10 +62,7 @@ def encode_latents(
     if posterior == "sample":
         if seeds is None or len(seeds) != images.shape[0]:
             raise ValueError(f"posterior='sample' needs one seed per image ({images.shape[0]}), got {seeds!r}")
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        )
-        latents = latents + dist.std * noise.to(latents.device, latents.dtype)
+        latents = latents + dist.std * posterior_noise(latents, seeds)
     grid = patchify_grid(latents, LATENT_PATCH)
     mean, std = _bn_stats(vae, grid)
     return (grid - mean) / std

@@ -14,6 +14,14 @@ Each member is safetensors bytes holding `latents` [128, H/16, W/16] (normalised
 `text_embeds` [L, D], in bf16, or fp8 e4m3 with an fp32 per-tensor `{name}_scale` (spec §7). A shard is done
 once its tar and part were renamed into place and index.json lists it; reruns skip done shards.
 
+Other families (`DATA_PREP_FAMILIES`, issue 15): index.json adds "family" and "text_tensors", the names of the
+text tensors the family's transformer takes (`asymflow.families.encode_family_prompts`; FLUX.1:
+`encoder_hidden_states` [512, D] and `pooled_projections` [D_pooled]), all held by the sample's text member (and
+by negative.safetensors); `latents` is the family's normalised latent image patchified channel-first on the pixel
+patch grid, [C_lat·q², H/p, W/p] (FLUX.1: [64, H/16, W/16]; `pack` gives FluxPipeline's packed tokens), drawn from
+the posterior with the same keyed seeds. FLUX.2 caches carry neither field (their bytes are unchanged), so a cache
+without them is a FLUX.2 cache.
+
 Text form: "raw" stores the stacked text-encoder states (D = joint_attention_dim, 12288 at klein 9B); "projected"
 stores the base transformer's frozen `context_embedder` applied to them (D = inner_dim, 4096 at 9B: 1/3 of the
 bytes), computed as the transformer computes it (`asymflow.text.project_text`) from the states a raw bf16 cache
@@ -37,6 +45,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from asymflow.components import (
+    DATA_PREP_FAMILIES,
+    DTYPES,
+    TRAINING_FAMILY,
     BaseModelConfig,
     context_embedder_fingerprint,
     load_base_components,
@@ -102,22 +113,33 @@ class CacheMismatchError(ValueError):
 # ---------------------------------------------------------------- tensor codec (safetensors bytes, never pickle)
 
 
-def tensor_to_bytes(name: str, x: torch.Tensor, dtype: CacheDtype) -> bytes:
-    """One tensor as safetensors bytes: bf16, or fp8 e4m3 with an fp32 per-tensor scale `{name}_scale`.
+def _stored(name: str, x: torch.Tensor, dtype: CacheDtype) -> dict[str, torch.Tensor]:
+    """The stored form of one tensor: bf16, or fp8 e4m3 with an fp32 per-tensor scale `{name}_scale`.
 
     fp8 follows spec §7: scale = max(|x|)/448 (≥ 1e-6), stored value = x/scale, dequantise by multiplying.
     """
     x = x.detach().to("cpu", torch.float32).contiguous()
     if dtype == "bf16":
-        tensors = {name: x.to(torch.bfloat16)}
-    elif dtype == "fp8":
+        return {name: x.to(torch.bfloat16)}
+    if dtype == "fp8":
         scale = (x.abs().amax() / FP8_MAX).clamp_min(FP8_MIN_SCALE)
-        tensors = {name: (x / scale).to(torch.float8_e4m3fn), f"{name}_scale": scale.reshape(())}
-    else:
-        raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {CACHE_DTYPES}")
+        return {name: (x / scale).to(torch.float8_e4m3fn), f"{name}_scale": scale.reshape(())}
+    raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {CACHE_DTYPES}")
+
+
+def tensors_to_bytes(named: Mapping[str, torch.Tensor], dtype: CacheDtype) -> bytes:
+    """Named tensors as one safetensors file, each stored as `_stored` says (a family's text tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, x in named.items():
+        tensors.update(_stored(name, x, dtype))
     # One metadata entry only: safetensors writes the metadata map in hash order, which varies between processes,
     # and reruns must be byte-identical. The dtype is visible from the stored tensors anyway.
     return st_save(tensors, metadata={"format": CACHE_FORMAT})
+
+
+def tensor_to_bytes(name: str, x: torch.Tensor, dtype: CacheDtype) -> bytes:
+    """One tensor as safetensors bytes: bf16, or fp8 e4m3 with an fp32 per-tensor scale `{name}_scale`."""
+    return tensors_to_bytes({name: x}, dtype)
 
 
 def bytes_to_tensor(data: bytes, name: str) -> torch.Tensor:
@@ -128,6 +150,11 @@ def bytes_to_tensor(data: bytes, name: str) -> torch.Tensor:
     x = tensors[name].to(torch.float32)
     scale = tensors.get(f"{name}_scale")
     return x * scale.to(torch.float32) if scale is not None else x
+
+
+def bytes_to_tensors(data: bytes, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Inverse of `tensors_to_bytes` for the tensors `names`: each dequantised, in fp32."""
+    return {name: bytes_to_tensor(data, name) for name in names}
 
 
 # ---------------------------------------------------------------- cache manifest
@@ -148,6 +175,10 @@ class CacheIdentity:
     text_form: TextForm = "raw"
     # `asymflow.components.context_embedder_fingerprint` of the layer that projected the text; None for raw text.
     context_embedder: str | None = None
+    # The model family and the names of its cached text tensors; written to index.json only for families other than
+    # FLUX.2, so FLUX.2 manifests keep their bytes and a manifest without them is FLUX.2's.
+    family: str = TRAINING_FAMILY
+    text_tensors: tuple[str, ...] = (TEXT_NAME,)
 
     @classmethod
     def of(
@@ -158,15 +189,29 @@ class CacheIdentity:
                    data_manifest_hash, latent_posterior, text_form, context_embedder)
 
     @classmethod
+    def of_family(cls, cfg: BaseModelConfig, family: str, text_tensors: Sequence[str], max_sequence_length: int,
+                  dtype: CacheDtype, data_manifest_hash: str, latent_posterior: Posterior = "sample") -> CacheIdentity:
+        """A family's cache: raw text (no hidden-layer stack: the pipeline's encoding decides), its text length."""
+        return cls(cfg.fingerprint(), cfg.dtype, (), max_sequence_length, dtype, data_manifest_hash, latent_posterior,
+                   "raw", None, family, tuple(text_tensors))
+
+    @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> CacheIdentity:
-        # Fields caches written before them lack: those held posterior modes and raw text.
-        older = {"latent_posterior": "mode", "text_form": "raw", "context_embedder": None}
+        # Fields caches written before them lack: those held posterior modes and raw text; FLUX.2 caches lack the
+        # family fields.
+        older = {"latent_posterior": "mode", "text_form": "raw", "context_embedder": None, "family": TRAINING_FAMILY,
+                 "text_tensors": (TEXT_NAME,)}
         values = {f.name: manifest.get(f.name, older[f.name]) if f.name in older else manifest[f.name]
                   for f in fields(cls)}
-        return cls(**{**values, "text_hidden_layers": tuple(values["text_hidden_layers"])})
+        return cls(**{**values, "text_hidden_layers": tuple(values["text_hidden_layers"]),
+                      "text_tensors": tuple(values["text_tensors"])})
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"text_hidden_layers": list(self.text_hidden_layers)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)} | {"text_hidden_layers": list(self.text_hidden_layers),
+                                                                       "text_tensors": list(self.text_tensors)}
+        if self.family == TRAINING_FAMILY:
+            del out["family"], out["text_tensors"]
+        return out
 
     def differences(self, other: CacheIdentity) -> list[str]:
         """'field: existing != requested' for each field that differs."""
@@ -185,7 +230,7 @@ def cache_manifest(identity: CacheIdentity, shards: list[dict[str, Any]], total_
         **identity.to_json(),
         "num_samples": sum(s["num_samples"] for s in shards),
         "complete": len(shards) == total_shards,
-        "members": {LATENT_NAME: f"{{key}}.{LATENT_SUFFIX}", TEXT_NAME: f"{{key}}.{TEXT_SUFFIX}"},
+        "members": {LATENT_NAME: f"{{key}}.{LATENT_SUFFIX}", **{name: f"{{key}}.{TEXT_SUFFIX}" for name in identity.text_tensors}},
         "shards": shards,
     }
 
@@ -272,8 +317,54 @@ class _Encoder:
         return encode_latents(self.vae, images.to(self.device), self.posterior, seeds).float()
 
 
+class _FamilyEncoder:
+    """Another family's VAE and text encoders, loaded by the pipeline directory's model_index.json: keyed posterior
+    draws of `asymflow.families.fit.family_latents` patchified on the pixel patch grid, and the named text tensors of
+    `asymflow.families.encode_family_prompts` (the pipeline's own encoding)."""
+
+    def __init__(self, cfg: BaseModelConfig, family: str, dtype: CacheDtype, device: str, posterior: Posterior,
+                 max_sequence_length: int):
+        from asymflow.families import get_family
+        from asymflow.families.load import load_pipeline_components, text_component_names
+
+        self.family, self.dtype, self.device, self.posterior = get_family(family), dtype, torch.device(device), posterior
+        self.max_sequence_length = max_sequence_length
+        parts = load_pipeline_components(cfg.path, ("vae", *text_component_names(family)), DTYPES[cfg.dtype])
+        self.vae = parts.pop("vae").to(self.device)
+        self.text_components = {k: v.to(self.device) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+
+    def text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        from asymflow.families import encode_family_prompts
+
+        encoded = encode_family_prompts(self.family.name, self.text_components, prompts,
+                                        max_sequence_length=self.max_sequence_length)
+        return {name: x.float() for name, x in encoded.items()}
+
+    def latents(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        from asymflow.families.fit import family_latents
+        from asymflow.patching import patchify_grid
+
+        seeds = [posterior_seed(key) for key in keys] if self.posterior == "sample" else None
+        latents = family_latents(self.family, self.vae, images.to(self.device), self.posterior, seeds)
+        return patchify_grid(latents, self.family.latent_patch).float()
+
+
+def family_text_tensors(family: str) -> tuple[str, ...]:
+    """The text tensors a family's cache holds: `text_embeds` for FLUX.2, else encode_family_prompts' names (always
+    present for FLUX.1; a family with optional ones, e.g. masks, is not wired yet)."""
+    return {"flux1": ("encoder_hidden_states", "pooled_projections")}.get(family, (TEXT_NAME,))
+
+
+def _text_member(text: torch.Tensor | Mapping[str, torch.Tensor], j: int, dtype: CacheDtype) -> bytes:
+    """Sample j's text member: FLUX.2's one `text_embeds` tensor, or a family's named text tensors."""
+    if isinstance(text, torch.Tensor):
+        return tensor_to_bytes(TEXT_NAME, text[j], dtype)
+    return tensors_to_bytes({name: x[j] for name, x in text.items()}, dtype)
+
+
 def _encode_shard(
-    data_dir: str, rows: list[dict[str, Any]], encoder: _Encoder, batch_size: int, fs: fsspec.AbstractFileSystem, bar: Any
+    data_dir: str, rows: list[dict[str, Any]], encoder: _Encoder | _FamilyEncoder, batch_size: int,
+    fs: fsspec.AbstractFileSystem, bar: Any
 ) -> Iterator[tuple[str, bytes, bytes]]:
     """(key, latent bytes, text bytes) for `rows` in row order, computed in same-bucket batches."""
     pending: dict[int, tuple[bytes, bytes]] = {}
@@ -288,7 +379,7 @@ def _encode_shard(
         latents = encoder.latents(torch.stack(images), [rows[i]["key"] for i in batch])
         text = encoder.text(captions)
         for j, i in enumerate(batch):
-            pending[i] = (tensor_to_bytes(LATENT_NAME, latents[j], encoder.dtype), tensor_to_bytes(TEXT_NAME, text[j], encoder.dtype))
+            pending[i] = (tensor_to_bytes(LATENT_NAME, latents[j], encoder.dtype), _text_member(text, j, encoder.dtype))
         bar.update(len(batch))
         # Emit in row order as soon as the next row is ready; at most one window is ever pending.
         while next_out in pending:
@@ -327,6 +418,7 @@ def build_cache(
     Latents are posterior samples by default (spec §7), each seeded from its sample key, so reruns, resumes and any
     batch size give the same bytes; `latent_posterior="mode"` caches the posterior mean instead.
     `text_form="projected"` stores the frozen context_embedder's output instead of the raw states (module docstring).
+    A model of another data-prep family (FLUX.1) caches that family's latents and named text tensors (module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -336,10 +428,17 @@ def build_cache(
         raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {CACHE_DTYPES}")
     if text_form not in TEXT_FORMS:
         raise ValueError(f"unknown text form {text_form!r}; expected one of {TEXT_FORMS}")
+    family = cfg.check_family(DATA_PREP_FAMILIES)
+    if family != TRAINING_FAMILY and text_form != "raw":
+        raise ValueError(f"text form {text_form!r} is FLUX.2's (its context_embedder); a {family} cache holds raw text")
     manifest = load_manifest(data_dir)
-    context_embedder = load_context_embedder(cfg) if text_form == "projected" else None
-    identity = CacheIdentity.of(cfg, dtype, manifest_hash(manifest), latent_posterior, text_form,
-                                None if context_embedder is None else context_embedder_fingerprint(context_embedder))
+    if family == TRAINING_FAMILY:
+        context_embedder = load_context_embedder(cfg) if text_form == "projected" else None
+        identity = CacheIdentity.of(cfg, dtype, manifest_hash(manifest), latent_posterior, text_form,
+                                    None if context_embedder is None else context_embedder_fingerprint(context_embedder))
+    else:
+        identity = CacheIdentity.of_family(cfg, family, family_text_tensors(family), _text_length(cfg, family), dtype,
+                                           manifest_hash(manifest), latent_posterior)
     cache_dir = join(data_dir, CACHE_DIR)
     fs, cache_root = fsspec.core.url_to_fs(cache_dir)
 
@@ -368,9 +467,12 @@ def build_cache(
     if not todo and fs.exists(table_path) and fs.exists(f"{cache_root}/{NEGATIVE_FILE}"):
         return summary
 
-    encoder = _Encoder(cfg, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"), latent_posterior,
-                       context_embedder)
-    put_atomic(join(cache_dir, NEGATIVE_FILE), tensor_to_bytes(TEXT_NAME, encoder.text([""])[0], dtype))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if family == TRAINING_FAMILY:
+        encoder: _Encoder | _FamilyEncoder = _Encoder(cfg, dtype, device, latent_posterior, context_embedder)
+    else:
+        encoder = _FamilyEncoder(cfg, family, dtype, device, latent_posterior, identity.max_sequence_length)
+    put_atomic(join(cache_dir, NEGATIVE_FILE), _text_member(encoder.text([""]), 0, dtype))
 
     rows_by_shard: dict[str, list[dict[str, Any]]] = {n: [] for n in shard_names}
     for row in load_sample_table(data_dir).select(["key", "shard", "index", "bucket", "offset", "size"]).to_pylist():
@@ -395,6 +497,18 @@ def build_cache(
             parts.append(read_parquet(f))
     put_atomic(join(cache_dir, TABLE_FILE), _table_bytes(pa.concat_tables(parts) if parts else CACHE_SCHEMA.empty_table()))
     return summary
+
+
+def _text_length(cfg: BaseModelConfig, family: str) -> int:
+    """The text length a family's cache encodes to: model.max_sequence_length when the config sets it, else the
+    family pipeline's default (FluxPipeline: 512 T5 tokens), read from encode_family_prompts' encoder."""
+    if "max_sequence_length" in cfg.model_fields_set:
+        return cfg.max_sequence_length
+    import inspect
+
+    from asymflow.families.text import ENCODERS
+
+    return inspect.signature(ENCODERS[family]).parameters["max_sequence_length"].default
 
 
 def _member_extent(num_bytes: int) -> int:

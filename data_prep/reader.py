@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
+from asymflow.families import get_family
+
 from .cache import (
     CACHE_DIR,
     CACHE_SCHEMA,
@@ -23,6 +25,7 @@ from .cache import (
     TEXT_SUFFIX,
     CacheMismatchError,
     bytes_to_tensor,
+    bytes_to_tensors,
     load_cache_manifest,
 )
 from .decode import decode_image, find_image
@@ -101,6 +104,16 @@ class DatasetIndex:
         return join(self.data_dir, CACHE_DIR)
 
     @property
+    def family(self) -> str:
+        """The model family of the cache (index.json's "family"; caches without it are FLUX.2's)."""
+        return (self.cache_manifest or {}).get("family", "flux2")
+
+    @property
+    def text_tensors(self) -> tuple[str, ...]:
+        """Names of the cached text tensors: ("text_embeds",) for FLUX.2, the family's otherwise."""
+        return tuple((self.cache_manifest or {}).get("text_tensors", (TEXT_NAME,)))
+
+    @property
     def text_projected(self) -> bool:
         """The cached text is context_embedder's output (`prep cache --text-form projected`), not the raw states;
         caches from before the text form was recorded hold raw states."""
@@ -118,6 +131,12 @@ class DatasetIndex:
         self._require_cache()
         with fsspec.open(join(self.cache_dir, NEGATIVE_FILE), "rb") as f:
             return bytes_to_tensor(f.read(), TEXT_NAME)
+
+    def negative_text(self) -> dict[str, torch.Tensor]:
+        """The cached empty-prompt text tensors by name (fp32), for any family."""
+        self._require_cache()
+        with fsspec.open(join(self.cache_dir, NEGATIVE_FILE), "rb") as f:
+            return bytes_to_tensors(f.read(), self.text_tensors)
 
     def _require_cache(self) -> None:
         if not self.has_cache:
@@ -145,7 +164,8 @@ def _join_cache(data_dir: str, table: pa.Table, cache: Mapping[str, Any], digest
 
 
 def read_cached(index: DatasetIndex, row: Mapping[str, Any], *, text: bool = True) -> dict[str, torch.Tensor]:
-    """{"latents": [128, H/16, W/16], "text_embeds": [L, D]} (fp32) of one row by byte range from the cache shard.
+    """{"latents": [128, H/16, W/16], "text_embeds": [L, D]} (fp32) of one row by byte range from the cache shard;
+    for another family's cache, "latents" [C_lat·q², H/p, W/p] and its named text tensors (`index.text_tensors`).
 
     `text=False` reads only the latent member (a prefix of the sample's range), e.g. for the subspace fit.
     """
@@ -157,13 +177,14 @@ def read_cached(index: DatasetIndex, row: Mapping[str, Any], *, text: bool = Tru
         members = read_sample_bytes(index.cache_dir, location, fs=index.fs)
         out = {LATENT_NAME: bytes_to_tensor(members[LATENT_SUFFIX], LATENT_NAME)}
         if text:
-            out[TEXT_NAME] = bytes_to_tensor(members[TEXT_SUFFIX], TEXT_NAME)
+            out.update(bytes_to_tensors(members[TEXT_SUFFIX], index.text_tensors))
     except _READ_ERRORS as e:
         raise CorruptSampleError(shard, key, f"{type(e).__name__}: {e}") from e
-    expected = (LATENT_CHANNELS, row["height"] // PIXELS_PER_LATENT, row["width"] // PIXELS_PER_LATENT)
+    family = get_family(index.family)  # FLUX.2: 128 channels on the 16×16 pixel patch grid
+    expected = (family.latent_dim, row["height"] // family.pixel_patch, row["width"] // family.pixel_patch)
     if tuple(out[LATENT_NAME].shape) != expected:
         raise CorruptSampleError(shard, key, f"latents are {tuple(out[LATENT_NAME].shape)}, expected {expected}")
-    if text and out[TEXT_NAME].ndim != 2:
+    if text and TEXT_NAME in out and out[TEXT_NAME].ndim != 2:
         raise CorruptSampleError(shard, key, f"text embeddings are {tuple(out[TEXT_NAME].shape)}, expected [L, D]")
     for name, x in out.items():
         if not torch.isfinite(x).all():

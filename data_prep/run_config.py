@@ -7,7 +7,7 @@ import fsspec
 import yaml
 from pydantic import ValidationError
 
-from asymflow.components import BaseModelConfig
+from asymflow.components import DATA_PREP_FAMILIES, BaseModelConfig
 
 
 def read_yaml_file(path: str) -> Any:
@@ -40,19 +40,19 @@ def read_run_config(path: str) -> dict[str, Any]:
 
 
 def load_model_config(path: str) -> BaseModelConfig:
-    """The `model:` section of the run config at `path` as a validated BaseModelConfig, of the family data prep is
-    wired for (model.family or the family a local model.path's files name)."""
+    """The `model:` section of the run config at `path` as a validated BaseModelConfig, of a family data prep is
+    wired for (model.family or the family a local model.path's files name; `DATA_PREP_FAMILIES`)."""
     raw = read_run_config(path)
     if "model" not in raw:
         raise ValueError(f"run config {path} has no `model:` section (data prep takes the base model from it)")
     try:
-        cfg = BaseModelConfig.model_validate(raw["model"] or {})
+        cfg = BaseModelConfig.model_validate(raw["model"] or {}, context={"families": DATA_PREP_FAMILIES})
     except ValidationError as exc:
         bad = "; ".join(f"model.{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
                         for e in exc.errors())
         raise ValueError(f"{path}: invalid `model:` section: {bad}") from None
     try:
-        cfg.check_family()
+        cfg.check_family(DATA_PREP_FAMILIES)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     return cfg

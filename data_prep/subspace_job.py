@@ -10,14 +10,15 @@ import fsspec
 import numpy as np
 import torch
 
-from asymflow.components import BaseModelConfig
+from asymflow.components import DATA_PREP_FAMILIES, TRAINING_FAMILY, BaseModelConfig
+from asymflow.families import get_family
 from asymflow.oklab import oklab_encode
 from asymflow.patching import FeatureOrder, pack, patchify
 from asymflow.subspace import PCAFit, ProcrustesFit, SubspaceArtifact
 
 from .cache import CacheMismatchError
 from .format import join
-from .reader import LATENT_CHANNELS, PIXELS_PER_LATENT, CorruptSampleError, DatasetIndex, read_cached, read_image_sample
+from .reader import PIXELS_PER_LATENT, CorruptSampleError, DatasetIndex, read_cached, read_image_sample
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ def sample_order(num_samples: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).permutation(num_samples).tolist()
 
 
-def pixel_tokens(image: torch.Tensor, colour: Colour, order: FeatureOrder) -> torch.Tensor:
-    """image [3,H,W] in [−1,1] -> tokens [(H/16)(W/16), 768] (Oklab-encoded or raw RGB, patchified with p=16)."""
+def pixel_tokens(image: torch.Tensor, colour: Colour, order: FeatureOrder, patch: int = PATCH_SIZE) -> torch.Tensor:
+    """image [3,H,W] in [−1,1] -> tokens [(H/p)(W/p), 3·p²] (Oklab-encoded or raw RGB, patchified with p=16 or the
+    family's pixel patch; Oklab channel-first is `asymflow.families.fit.pixel_tokens`, the in-memory fit's)."""
     x = oklab_encode(image[None]) if colour == "oklab" else image[None].float()
-    return patchify(x, PATCH_SIZE, order)[0]
+    return patchify(x, patch, order)[0]
 
 
 def fit_subspace(
@@ -58,6 +60,8 @@ def fit_subspace(
     """Fit B (and s) on `num_images` shuffled samples and write the artifact; returns (artifact, path written).
 
     Corrupt samples are skipped (logged and counted) and replaced by the next ones in the shuffled order.
+    A model of another data-prep family (FLUX.1) is fitted with its token geometry (pixel patch p, latent width
+    C_lat·q², tokens channel-first as `asymflow.families.fit`) from its cache; the artifact records the family.
     """
     from tqdm.auto import tqdm
 
@@ -65,6 +69,9 @@ def fit_subspace(
         raise ValueError(f"--num-images must be ≥ 1, got {num_images}")
     colour = colour or DEFAULT_COLOUR[method]
     order = FEATURE_ORDER[method]
+    family = cfg.check_family(DATA_PREP_FAMILIES)
+    spec = get_family(family)
+    patch = spec.pixel_patch  # FLUX.2: PATCH_SIZE, with LATENT_CHANNELS = its latent_dim
     index = DatasetIndex.open(data_dir)
     if method == "procrustes":
         if not index.has_cache:
@@ -74,11 +81,14 @@ def fit_subspace(
                 f"the cache in {index.cache_dir} was built with model {index.cache_manifest['model_fingerprint']!r}, "
                 f"the config names {cfg.fingerprint()!r}"
             )
-        if rank is not None and rank != LATENT_CHANNELS:
-            raise ValueError(f"--rank {rank}: a Procrustes fit's rank is the latent token width, {LATENT_CHANNELS}")
+        if index.family != family:
+            raise CacheMismatchError(f"the cache in {index.cache_dir} holds {index.family} latents, the config's model "
+                                     f"is of family {family}")
+        if rank is not None and rank != spec.latent_dim:
+            raise ValueError(f"--rank {rank}: a Procrustes fit's rank is the latent token width, {spec.latent_dim}")
         fit: ProcrustesFit | PCAFit = ProcrustesFit()
     else:
-        fit = PCAFit(DEFAULT_PCA_RANK if rank is None else rank)
+        fit = PCAFit((DEFAULT_PCA_RANK if family == TRAINING_FAMILY else spec.latent_dim) if rank is None else rank)
 
     used = skipped = 0
     with tqdm(total=min(num_images, len(index)), unit="img", desc=f"subspace ({method})", disable=not progress) as bar:
@@ -94,20 +104,21 @@ def fit_subspace(
                 skipped += 1
                 continue
             if latents is None:
-                fit.update(pixel_tokens(image, colour, order))
+                fit.update(pixel_tokens(image, colour, order, patch))
             else:
-                # read_cached guarantees the latent grid is the image's 16×16 patch grid, so tokens pair by position.
-                fit.update(pack(latents[None])[0], pixel_tokens(image, colour, order))  # z [n,128], x [n,768]
+                # read_cached guarantees the latent grid is the image's p×p patch grid, so tokens pair by position.
+                fit.update(pack(latents[None])[0], pixel_tokens(image, colour, order, patch))  # z [n,128], x [n,768]
             used += 1
             bar.update(1)
     if used == 0:
         raise ValueError(f"no readable samples in {data_dir} ({skipped} corrupt)")
 
     basis, scale = fit.solve() if isinstance(fit, ProcrustesFit) else (fit.solve(), 1.0)
+    extra = {"family": family} if family != TRAINING_FAMILY else {}  # FLUX.2 artifacts keep their bytes
     artifact = SubspaceArtifact(
         basis=basis,
         scale=scale,
-        patch_size=PATCH_SIZE,
+        patch_size=patch,
         feature_order=order,
         method=method,
         manifest_hash=index.manifest_hash,
@@ -118,6 +129,7 @@ def fit_subspace(
             "seed": str(seed),
             "colour": colour,
             "model_fingerprint": cfg.fingerprint(),
+            **extra,
         },
     )
     path = output or join(data_dir, SUBSPACE_FILE)

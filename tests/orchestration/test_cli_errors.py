@@ -43,13 +43,13 @@ def files(tmp_path_factory) -> dict[str, str]:
     sd3 = write_family_dir(root / "sd3", "sd3", None)  # transformer/config.json only
     (root / "alien").mkdir()
     (root / "alien" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
-    for name, model in {"flux1": f"kind: diffusers\n  path: {flux1}", "qwen": "family: qwen_image",
-                        "dalle": "family: dalle"}.items():
+    for name, model in {"flux1": f"kind: diffusers\n  path: {flux1}", "sd3": f"kind: diffusers\n  path: {sd3}",
+                        "qwen": "family: qwen_image", "dalle": "family: dalle"}.items():
         (root / f"{name}.yaml").write_text(f"model:\n  {model}\n")
     return {"bad": str(root / "bad.yaml"), "list": str(root / "list.yaml"), "dir": str(root / "empty"),
             "missing": str(root / "missing.yaml"), "nodata": str(root / "empty"), "root": str(root),
             "flux1": str(flux1), "sd3": str(sd3), "alien": str(root / "alien"), "flux1_cfg": str(root / "flux1.yaml"),
-            "qwen_cfg": str(root / "qwen.yaml"), "dalle_cfg": str(root / "dalle.yaml")}
+            "sd3_cfg": str(root / "sd3.yaml"), "qwen_cfg": str(root / "qwen.yaml"), "dalle_cfg": str(root / "dalle.yaml")}
 
 
 NOT_WIRED = "is not supported for training yet: its conversion is proven (seamless-init identity, adapter round trip"
@@ -101,7 +101,8 @@ CASES = [
     (["sample", "{nodata}"], 2, "required: --prompt"),
     # model.family (issue 15): given, detected from model_index.json or transformer/config.json, contradicting
     (["train", TINY, "--set", "model.family=flux1"], 2,
-     f"--set model.family=flux1: model.family: flux1 (FLUX.1) {NOT_WIRED}"),
+     f"--set model.family=flux1: model.family: flux1 (FLUX.1) {NOT_WIRED}; asymflow.families) but training and "
+     "sampling are not wired for it"),
     (["train", TINY, "--set", "model.family=dalle"], 2,
      "model.family: unknown model family 'dalle'; supported families: flux2, flux1, sd3, qwen_image, sana"),
     (["train", TINY, *DIFFUSERS, "model.path={flux1}"], 2,
@@ -112,8 +113,11 @@ CASES = [
      "model.family 'flux2' contradicts model.path {flux1}, which holds a model of family flux1"),
     (["train", TINY, *DIFFUSERS, "model.path={alien}"], 2,
      "model.path: {alien}/model_index.json describes KandinskyPipeline, not a supported model; supported families: "),
-    (["prep", "cache", "{nodata}", "--config", "{flux1_cfg}"], 2,
-     f"prep cache: {{flux1_cfg}}: model.path {{flux1}} holds a model of family flux1, and flux1 (FLUX.1) {NOT_WIRED}"),
+    # data prep is wired for flux1 (the config is accepted; the dataset is not), not for the other families
+    (["prep", "cache", "{nodata}", "--config", "{flux1_cfg}"], 2, "prep cache: {nodata}: not a dataset"),
+    (["prep", "cache", "{nodata}", "--config", "{sd3_cfg}"], 2,
+     f"prep cache: {{sd3_cfg}}: model.path {{sd3}} holds a model of family sd3, and sd3 (Stable Diffusion 3 / 3.5) "
+     f"{NOT_WIRED}; asymflow.families) but training, data prep and sampling are not wired"),
     (["prep", "subspace", "{nodata}", "--config", "{qwen_cfg}"], 2,
      f"prep subspace: {{qwen_cfg}}: invalid `model:` section: model.family: qwen_image (Qwen-Image) {NOT_WIRED}"),
     (["prep", "cache", "{nodata}", "--config", "{dalle_cfg}"], 2, "model.family: unknown model family 'dalle'"),
