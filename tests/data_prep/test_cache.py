@@ -50,6 +50,18 @@ def copy_dataset(src: Path, dst: Path) -> Path:
     return dst
 
 
+def kill_during_last_shard(cache_dir: Path) -> None:
+    """The state a `prep cache` killed while writing its last shard leaves: that tar a half-written temp file,
+    index.json without it and not complete, no samples.parquet."""
+    index = json.loads((cache_dir / "index.json").read_text())
+    last = index["shards"][-1]["name"]
+    (cache_dir / last).rename(cache_dir / f"{last}.tmp")
+    with open(cache_dir / f"{last}.tmp", "r+b") as f:
+        f.truncate(1000)
+    (cache_dir / "index.json").write_text(json.dumps({**index, "shards": index["shards"][:-1], "complete": False}))
+    (cache_dir / "samples.parquet").unlink()
+
+
 def file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -123,13 +135,7 @@ def test_rerun_is_a_noop_and_resume_is_byte_identical(dataset: Path, tmp_path: P
 
     # A run killed while writing the last shard: its tar is a half-written temp file, index.json lacks it.
     cache_dir = data / "cache"
-    index = json.loads((cache_dir / "index.json").read_text())
-    last = index["shards"][-1]["name"]
-    (cache_dir / last).rename(cache_dir / f"{last}.tmp")
-    with open(cache_dir / f"{last}.tmp", "r+b") as f:
-        f.truncate(1000)
-    (cache_dir / "index.json").write_text(json.dumps({**index, "shards": index["shards"][:-1], "complete": False}))
-    (cache_dir / "samples.parquet").unlink()
+    kill_during_last_shard(cache_dir)
     build_cache(str(data), load_model_config(TINY_CONFIG), batch_size=2, progress=False)
     assert file_hashes(data) == before
 

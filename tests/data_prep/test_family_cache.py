@@ -19,7 +19,7 @@ from data_prep.cache import CacheMismatchError, build_cache
 from data_prep.corpus import build_clean_corpus
 from data_prep.reader import DatasetIndex, read_cached, read_image_sample
 from data_prep.run_config import load_model_config
-from tests.data_prep.test_cache import copy_dataset, file_hashes, run_cli
+from tests.data_prep.test_cache import copy_dataset, file_hashes, kill_during_last_shard, run_cli
 
 FLUX1 = get_family("flux1")
 TEXT = ("encoder_hidden_states", "pooled_projections")
@@ -109,13 +109,7 @@ def test_rerun_is_a_noop_and_resume_is_byte_identical(flux1, tmp_path) -> None:
 
     # Killed while writing the last shard, resumed: the same bytes.
     cache_dir = data / "cache"
-    index = json.loads((cache_dir / "index.json").read_text())
-    last = index["shards"][-1]["name"]
-    (cache_dir / last).rename(cache_dir / f"{last}.tmp")
-    with open(cache_dir / f"{last}.tmp", "r+b") as f:
-        f.truncate(1000)
-    (cache_dir / "index.json").write_text(json.dumps({**index, "shards": index["shards"][:-1], "complete": False}))
-    (cache_dir / "samples.parquet").unlink()
+    kill_during_last_shard(cache_dir)
     resumed = run_cli("prep", "cache", str(data), "--config", str(flux1["config"]), "--batch-size", "3")
     assert resumed.returncode == 0, resumed.stderr
     assert file_hashes(data) == before
