@@ -49,14 +49,14 @@ def base_from_arg(base: str) -> Any:
 def _refuse_other_family(root: Path, what: str) -> None:
     """ValueError if the diffusers directory `root` (model_index.json, else transformer/config.json) is a model of a
     family sampling is not wired for; classes no family knows are left to the loaders' own errors."""
-    from asymflow.components import TRAINING_FAMILY, BaseModelConfig, unwired_family_message
+    from asymflow.components import SAMPLING_FAMILIES, BaseModelConfig, unwired_family_message
 
     try:
         family = BaseModelConfig(kind="diffusers", path=str(root)).detected_family()
     except ValueError:
         return
-    if family not in (None, TRAINING_FAMILY):
-        raise ValueError(f"{what} holds a model of family {family}, and {unwired_family_message(family)}")
+    if family not in (None, *SAMPLING_FAMILIES):
+        raise ValueError(f"{what} holds a model of family {family}, and {unwired_family_message(family, 'sampling')}")
 
 
 def _recorded_base(root: Path) -> tuple[Any, dict[str, Any]]:

@@ -100,13 +100,16 @@ CASES = [
     (["serve", "bundled", "--port", "70000"], 2, "--port must be 1-65535"),
     (["sample", "{nodata}"], 2, "required: --prompt"),
     # model.family (issue 15): given, detected from model_index.json or transformer/config.json, contradicting
+    (["train", TINY, "--set", "model.family=sd3"], 2,
+     f"--set model.family=sd3: model.family: sd3 (Stable Diffusion 3 / 3.5) {NOT_WIRED}; asymflow.families) but "
+     "training, data prep and sampling are not wired for it; the supported training families are flux2, flux1"),
     (["train", TINY, "--set", "model.family=flux1"], 2,
-     f"--set model.family=flux1: model.family: flux1 (FLUX.1) {NOT_WIRED}; asymflow.families) but training and "
-     "sampling are not wired for it"),
+     "model.family 'flux1' contradicts model.kind 'tiny', a flux2 model built in code or shipped with asymflow"),
     (["train", TINY, "--set", "model.family=dalle"], 2,
      "model.family: unknown model family 'dalle'; supported families: flux2, flux1, sd3, qwen_image, sana"),
+    # training is wired for flux1: the directory is checked for FLUX.1's own components
     (["train", TINY, *DIFFUSERS, "model.path={flux1}"], 2,
-     f"model.path {{flux1}} holds a model of family flux1, and flux1 (FLUX.1) {NOT_WIRED}"),
+     "model.path: {flux1} lacks vae/, tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/"),
     (["train", TINY, *DIFFUSERS, "model.path={sd3}"], 2,
      "model.path {sd3} holds a model of family sd3, and sd3 (Stable Diffusion 3 / 3.5) is not supported for training"),
     (["train", TINY, *DIFFUSERS, "model.path={flux1}", "--set", "model.family=flux2"], 2,
@@ -121,7 +124,9 @@ CASES = [
     (["prep", "subspace", "{nodata}", "--config", "{qwen_cfg}"], 2,
      f"prep subspace: {{qwen_cfg}}: invalid `model:` section: model.family: qwen_image (Qwen-Image) {NOT_WIRED}"),
     (["prep", "cache", "{nodata}", "--config", "{dalle_cfg}"], 2, "model.family: unknown model family 'dalle'"),
-    (["sample", "{flux1}", "--prompt", "x"], 2, f"{{flux1}} holds a model of family flux1, and flux1 (FLUX.1) {NOT_WIRED}"),
+    (["sample", "{flux1}", "--prompt", "x"], 2, "{flux1} holds a model of family flux1, and flux1 (FLUX.1) is not "
+     "supported for sampling yet: its conversion is proven (seamless-init identity, adapter round trip; "
+     "asymflow.families) but sampling is not wired for it; the supported sampling family is flux2"),
 ]
 
 
