@@ -101,3 +101,11 @@ def test_family_run_resumes_bitwise_after_sigterm(family_data, ray_cluster, tmp_
     with torch.no_grad():
         want, got = model(x, sigma, text, **extra), loaded(x, sigma, text, **extra)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    # `train --dry-run` counts the family's pixel model; `asymflow sample` (FLUX.2's pipeline) refuses the run.
+    from orchestration.dry_run import count_parameters
+    from orchestration.sample_source import resolve_source
+
+    assert count_parameters(cfg).total == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    with pytest.raises(ValueError, match=rf"trained a {family.name} model, and .* not supported for sampling yet"):
+        resolve_source(str(plain))
