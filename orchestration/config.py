@@ -283,6 +283,10 @@ class RunConfig(_Section):
         if self.objective.latent_patch != family.latent_patch:
             raise ValueError(f"objective.latent_patch={self.objective.latent_patch} must be {family.latent_patch} for "
                              f"{family.title}")
+        for name in ("height", "width"):
+            if getattr(self.sample, name) % family.pixel_patch:
+                raise ValueError(f"sample.{name}={getattr(self.sample, name)} is not a multiple of {family.pixel_patch} "
+                                 f"({family.title}'s pixel patch size)")
         if self.run.min_workers is not None:
             if self.run.min_workers > self.train.workers:
                 raise ValueError(f"run.min_workers={self.run.min_workers} exceeds train.workers={self.train.workers}")

@@ -261,3 +261,22 @@ def test_sample_base_of_another_family_is_refused(files):
     with pytest.raises(ValueError, match=rf"--base {files['sd3']} holds a model of family sd3, and sd3 .* not wired"):
         base_from_arg(files["sd3"])
     assert base_from_arg(str(BUNDLED_PATH)).kind == "bundled"  # a FLUX.2 transformer/ stays accepted
+
+
+def test_family_geometry_and_trained_set_are_the_run_defaults(files):
+    """A FLUX.1 model's run takes FLUX.1's rank, patch sizes, fully trained modules and LoRA targets when the config
+    does not write them (configs/tiny-flux1.yaml); values written in the config win; a FLUX.2 run keeps FLUX.2's."""
+    from asymflow.families import get_family
+    from asymflow.trainable import FLUX2_LORA_TARGETS
+    from orchestration.config import load_config
+
+    flux1, config = get_family("flux1"), str(REPO / "configs" / "tiny-flux1.yaml")
+    cfg = load_config(config, [f"model.path={files['flux1']}"])
+    assert cfg.family() == "flux1" and cfg.subspace.rank == flux1.latent_dim == 64
+    assert (cfg.objective.patch_size, cfg.objective.latent_patch) == (16, 2)
+    assert cfg.trainable.lora.targets == flux1.lora_targets and cfg.trainable.full_modules == flux1.full_modules
+    assert cfg.trainable.lora.rank == 4  # the rest of the section as written
+    written = load_config(config, [f"model.path={files['flux1']}", "trainable.lora.targets=[x_embedder]",
+                                   "subspace.rank=32"])
+    assert written.trainable.lora.targets == ("x_embedder",) and written.subspace.rank == 32
+    assert load_config(TINY).trainable.lora.targets == FLUX2_LORA_TARGETS and load_config(TINY).subspace.rank == 128

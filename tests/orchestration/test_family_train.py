@@ -51,12 +51,12 @@ def family_data(request, dataset, tmp_path_factory) -> dict:
     return {"family": family, "config": str(REPO / "configs" / config), "model": model, "data": str(data)}
 
 
-def _config(family_data: dict, storage: Path, name: str):
+def _config(family_data: dict, storage: Path, name: str, extra: tuple[str, ...] = ()):
     from orchestration.config import load_config
 
     return load_config(family_data["config"], [
         f"model.path={family_data['model']}", f"data.path={family_data['data']}", f"run.storage={storage}",
-        f"run.name={name}", f"train.steps={STEPS}", "log.wandb_mode=disabled",
+        f"run.name={name}", f"train.steps={STEPS}", "log.wandb_mode=disabled", *extra,
     ])
 
 
@@ -109,3 +109,30 @@ def test_family_run_resumes_bitwise_after_sigterm(family_data, ray_cluster, tmp_
     assert count_parameters(cfg).total == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     with pytest.raises(ValueError, match=rf"trained a {family.name} model, and .* not supported for sampling yet"):
         resolve_source(str(plain))
+
+
+def test_preflight_refuses_another_familys_cache_subspace_or_guidance(family_data, dataset, tmp_path):
+    """One ConfigError line each: a FLUX.2 run on the family's cache, the family's run with the session's FLUX.2
+    subspace, and train.guidance for a model without a guidance embedding."""
+    import json
+
+    from orchestration.config import ConfigError, load_config
+    from orchestration.preflight import check_inputs
+
+    name = family_data["family"]
+    flux2 = load_config(str(REPO / "configs" / "tiny.yaml"), [f"data.path={family_data['data']}"])
+    with pytest.raises(ConfigError, match=rf"^data.path: the cache in .* holds {name} latents and text, this run "
+                                          r"trains a flux2 model; rebuild it with `asymflow prep cache"):
+        check_inputs(flux2)
+    mixed = _config(family_data, tmp_path, "mixed", (f"subspace.path={dataset}/subspace.safetensors",))
+    with pytest.raises(ConfigError, match=rf"^subspace.path: .* was fitted for a flux2 model, this run trains a "
+                                          rf"{name} model; refit it with `asymflow prep subspace`$"):
+        check_inputs(mixed)
+    # The same pipeline without a guidance embedding (FLUX.1-schnell-like): train.guidance is refused.
+    plain_model = tmp_path / "no-guidance"
+    shutil.copytree(family_data["model"], plain_model)
+    config_file = plain_model / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "guidance_embeds": False}))
+    cfg = _config({**family_data, "model": plain_model}, tmp_path, "no-guidance", ("train.guidance=2.0",))
+    with pytest.raises(ConfigError, match=r"^train.guidance=2.0: the model in .* has no guidance embedding"):
+        check_inputs(cfg)
