@@ -123,3 +123,12 @@ def test_guidance_reaches_both_models(models):
     assert m_default["x0_mse_teacher"] != m_other["x0_mse_teacher"]
     # The training default is the value FluxPipeline samples FLUX.1-dev with (its __call__'s guidance_scale).
     assert FLUX1.sampler.embedded_guidance == inspect.signature(FluxPipeline.__call__).parameters["guidance_scale"].default
+
+
+def test_every_training_family_has_data_prep_and_an_integration_run():
+    """TRAINING_FAMILIES grows with the families whose cache exists and whose tiny run is in the integration suite."""
+    from asymflow.components import DATA_PREP_FAMILIES, TRAINING_FAMILIES
+    from tests.orchestration.test_family_train import FAMILIES
+
+    assert set(TRAINING_FAMILIES) <= set(DATA_PREP_FAMILIES)
+    assert {p.values[0][0] for p in FAMILIES} == set(TRAINING_FAMILIES) - {"flux2"}
