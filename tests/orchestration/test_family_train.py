@@ -65,7 +65,7 @@ def test_family_run_resumes_bitwise_after_sigterm(family_data, ray_cluster, tmp_
 
     from asymflow.families import get_family
     from asymflow.families.adapter import load_family_adapter
-    from orchestration.artifacts import build_model_from_checkpoint
+    from orchestration.artifacts import build_model_from_checkpoint, export_checkpoint
     from orchestration.checkpoint import read_state
     from orchestration.preflight import check_inputs
 
@@ -101,6 +101,15 @@ def test_family_run_resumes_bitwise_after_sigterm(family_data, ray_cluster, tmp_
     with torch.no_grad():
         want, got = model(x, sigma, text, **extra), loaded(x, sigma, text, **extra)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # `--merged`: the LoRA fused into a complete model directory that the family's pixel class loads alone.
+    merged = export_checkpoint(str(plain), STEPS, out=str(tmp_path / "merged"), merged=True)
+    with torch.no_grad():
+        fused = family.pixel_class().from_pretrained(merged).eval()(x, sigma, text, **extra)
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+    # `--weights trainable` rebuilds the family's pixel model from DeepSpeed's consolidated trainable weights.
+    trained, _, _ = build_model_from_checkpoint(str(plain / "checkpoints" / f"step-{STEPS:08d}"), "trainable")
+    assert type(trained) is family.pixel_class()
+    assert torch.equal(trained.x_embedder.weight, reference[0]["x_embedder.weight"])
 
     # `train --dry-run` counts the family's pixel model; `asymflow sample` (FLUX.2's pipeline) refuses the run.
     from orchestration.dry_run import count_parameters
