@@ -265,7 +265,9 @@ class RunConfig(_Section):
         lora = _plain(trainable.get("lora"))
         lora.setdefault("targets", family.lora_targets)
         trainable["lora"] = lora
-        data.update(subspace=subspace, objective=objective, trainable=trainable)
+        # The resolved config (state.json of every checkpoint) names the family even if model.path moves later.
+        model = {**_plain(data.get("model")), "family": family_name}
+        data.update(model=model, subspace=subspace, objective=objective, trainable=trainable)
         return data
 
     def family(self) -> str:
@@ -283,6 +285,9 @@ class RunConfig(_Section):
         if self.objective.latent_patch != family.latent_patch:
             raise ValueError(f"objective.latent_patch={self.objective.latent_patch} must be {family.latent_patch} for "
                              f"{family.title}")
+        if family.name == TRAINING_FAMILY and self.train.guidance is not None:
+            raise ValueError(f"train.guidance={self.train.guidance} is for guidance-distilled models of the other "
+                             "families (FLUX.1-dev); FLUX.2 training gives the model no guidance value")
         for name in ("height", "width"):
             if getattr(self.sample, name) % family.pixel_patch:
                 raise ValueError(f"sample.{name}={getattr(self.sample, name)} is not a multiple of {family.pixel_patch} "

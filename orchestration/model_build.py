@@ -41,9 +41,12 @@ def convert_base(cfg: RunConfig, basis: torch.Tensor, scale: float | torch.Tenso
 
 def training_guidance(cfg: RunConfig, model: torch.nn.Module) -> float | None:
     """The guidance value the step gives student and teacher: train.guidance, else the family's sampler default, for a
-    guidance-distilled model (config guidance_embeds, FLUX.1-dev); None for every other model. ValueError when
+    guidance-distilled model of a non-FLUX.2 family (config guidance_embeds, FLUX.1-dev); None for every other model
+    and for FLUX.2, whose step is unchanged. ValueError when
     train.guidance is set for a model that has no guidance embedding."""
     inner = getattr(model, "module", model)
+    if cfg.family() == TRAINING_FAMILY:
+        return None  # FLUX.2's step never passed one (the config refuses train.guidance for it)
     if not getattr(inner.config, "guidance_embeds", False):
         if cfg.train.guidance is not None:
             raise ValueError(f"train.guidance={cfg.train.guidance} is set, but the model has no guidance embedding "

@@ -103,6 +103,9 @@ CASES = [
     (["train", TINY, "--set", "model.family=sd3"], 2,
      f"--set model.family=sd3: model.family: sd3 (Stable Diffusion 3 / 3.5) {NOT_WIRED}; asymflow.families) but "
      "training, data prep and sampling are not wired for it; the supported training families are flux2, flux1"),
+    (["train", TINY, "--set", "train.guidance=3.5"], 2,
+     "train.guidance=3.5 is for guidance-distilled models of the other families (FLUX.1-dev); FLUX.2 training gives "
+     "the model no guidance value"),
     (["train", TINY, "--set", "model.family=flux1"], 2,
      "model.family 'flux1' contradicts model.kind 'tiny', a flux2 model built in code or shipped with asymflow"),
     (["train", TINY, "--set", "model.family=dalle"], 2,
