@@ -15,13 +15,20 @@ ALL_PARTS: tuple[Part, ...] = ("transformer", "vae", "text_encoder", "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The small trained base shipped with the repo (scripts/train_tiny_base.py writes it; see its MODEL_CARD.md).
 BUNDLED_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_base"
-# `model.family`: the names of asymflow.families.FAMILIES (a test keeps them equal). Training and sampling are wired
-# for TRAINING_FAMILY only; the others' conversion is proven (seamless-init identity, adapter round trip).
+# `model.family`: the names of asymflow.families.FAMILIES (a test keeps them equal). TRAINING_FAMILY is FLUX.2, the
+# project's first family and the default of every model that names none (tiny, bundled); the others' conversion is
+# proven (seamless-init identity, adapter round trip).
 FamilyName = Literal["flux2", "flux1", "sd3", "qwen_image", "sana"]
 TRAINING_FAMILY = "flux2"
 # Data prep (`prep cache`, `prep subspace`) is wired for these; it validates its `model:` section with
 # `context={"families": DATA_PREP_FAMILIES}` and calls `check_family(DATA_PREP_FAMILIES)`.
 DATA_PREP_FAMILIES: tuple[str, ...] = (TRAINING_FAMILY, "flux1")
+# `asymflow train` is wired for these (loader, objective, model build, checkpoint, export: generic over the family
+# registry). A family joins once its data prep exists (it is in DATA_PREP_FAMILIES) and its tiny run passes
+# tests/orchestration/test_family_train.py.
+TRAINING_FAMILIES: tuple[str, ...] = (TRAINING_FAMILY, "flux1")
+# `asymflow sample` / serve (asymflow.pipeline) are FLUX.2's only.
+SAMPLING_FAMILIES: tuple[str, ...] = (TRAINING_FAMILY,)
 
 
 def _family_names() -> str:
@@ -30,15 +37,19 @@ def _family_names() -> str:
     return ", ".join(FAMILIES)
 
 
-def unwired_family_message(name: str) -> str:
-    """Why a family other than TRAINING_FAMILY is refused by training and sampling (and data prep, outside
-    DATA_PREP_FAMILIES)."""
+def unwired_family_message(name: str, use: Literal["training", "sampling"] = "training") -> str:
+    """Why a family is refused by training (outside TRAINING_FAMILIES), sampling (outside SAMPLING_FAMILIES) or data
+    prep (outside DATA_PREP_FAMILIES); `use` is what refuses it."""
     from .families import get_family
 
-    unwired = "training and sampling" if name in DATA_PREP_FAMILIES else "training, data prep and sampling"
-    return (f"{name} ({get_family(name).title}) is not supported for training yet: its conversion is proven "
-            f"(seamless-init identity, adapter round trip; asymflow.families) but {unwired} "
-            f"are not wired for it; the supported training family is {TRAINING_FAMILY}")
+    unwired = [what for what, families in (("training", TRAINING_FAMILIES), ("data prep", DATA_PREP_FAMILIES),
+                                           ("sampling", SAMPLING_FAMILIES)) if name not in families]
+    listed = unwired[0] if len(unwired) == 1 else f"{', '.join(unwired[:-1])} and {unwired[-1]}"
+    supported = TRAINING_FAMILIES if use == "training" else SAMPLING_FAMILIES
+    return (f"{name} ({get_family(name).title}) is not supported for {use} yet: its conversion is proven "
+            f"(seamless-init identity, adapter round trip; asymflow.families) but {listed} "
+            f"{'is' if len(unwired) == 1 else 'are'} not wired for it; the supported {use} "
+            f"{'family is' if len(supported) == 1 else 'families are'} {', '.join(supported)}")
 
 
 class BaseModelConfig(BaseModel):
@@ -58,16 +69,16 @@ class BaseModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     family: FamilyName | None = Field(
         None, description="the latent model family; when omitted, read from a local model.path's model_index.json or "
-        "transformer/config.json (`detected_family`); only flux2 is wired for training and sampling, flux2 and flux1 "
-        "for data prep (prep cache, prep subspace)")
+        "transformer/config.json (`detected_family`); training takes TRAINING_FAMILIES (flux2, flux1), data prep "
+        "DATA_PREP_FAMILIES, sampling flux2 only")
 
     @field_validator("family", mode="before")
     @classmethod
     def _known_family(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None and value not in get_args(FamilyName):
             raise ValueError(f"unknown model family {value!r}; supported families: {_family_names()}")
-        # Training and sampling accept TRAINING_FAMILY only; data prep passes its wider set as validation context.
-        if value not in (None, *(info.context or {}).get("families", (TRAINING_FAMILY,))):
+        # Training accepts TRAINING_FAMILIES; data prep passes its own set as validation context.
+        if value not in (None, *(info.context or {}).get("families", TRAINING_FAMILIES)):
             raise ValueError(unwired_family_message(value))
         return value
 
@@ -96,7 +107,7 @@ class BaseModelConfig(BaseModel):
                 return detect_family(source).name
         return None
 
-    def check_family(self, families: tuple[str, ...] = (TRAINING_FAMILY,)) -> str:
+    def check_family(self, families: tuple[str, ...] = TRAINING_FAMILIES) -> str:
         """The model's family, given (`family`) or detected (`detected_family`), if it is one of `families` (those
         training can use, by default); ValueError (one line, naming model.path) for a model of another family or one
         that contradicts `family`."""
@@ -105,6 +116,10 @@ class BaseModelConfig(BaseModel):
         except ValueError as exc:
             raise ValueError(f"model.path: {exc}") from None
         if self.family is not None and detected is not None and detected != self.family:
+            if self.kind != "diffusers":
+                raise ValueError(f"model.family {self.family!r} contradicts model.kind {self.kind!r}, a {detected} model "
+                                 f"built in code or shipped with asymflow; use model.kind diffusers with a {self.family}"
+                                 " pipeline directory as model.path")
             raise ValueError(f"model.family {self.family!r} contradicts model.path {self.path}, which holds a "
                              f"model of family {detected}; fix model.family or leave it out to use the detected family")
         family = self.family or detected or TRAINING_FAMILY

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -113,11 +114,31 @@ def _text_with_dropout(batch: dict[str, torch.Tensor], drop: torch.Tensor) -> to
     text = batch["text_embeds"]
     if not bool(drop.any()):
         return text
-    negative = batch["negative_embeds"]
-    if negative.ndim != 3 or negative.shape[0] not in (1, text.shape[0]) or negative.shape[1:] != text.shape[1:]:
-        raise ValueError(f"negative_embeds {tuple(negative.shape)} must be [B|1,L,D] like text_embeds {tuple(text.shape)}")
-    negative = negative.to(text.device, text.dtype).expand_as(text)
-    return torch.where(drop.to(text.device).view(-1, 1, 1), negative, text)
+    return _replace_rows(text, batch["negative_embeds"], drop, "negative_embeds", "text_embeds")
+
+
+def _replace_rows(value: torch.Tensor, negative: torch.Tensor, drop: torch.Tensor, neg_name: str,
+                  name: str) -> torch.Tensor:
+    """`value` [B,...] with the rows where `drop` [B] is True taken from `negative` ([B or 1, ...], same trailing
+    shape); the dtype is `value`'s (integer masks stay integer)."""
+    if negative.ndim != value.ndim or negative.shape[0] not in (1, value.shape[0]) or negative.shape[1:] != value.shape[1:]:
+        trailing = ",".join(str(d) for d in value.shape[1:])
+        raise ValueError(f"{neg_name} {tuple(negative.shape)} must be [B|1,{trailing}] like {name} {tuple(value.shape)}")
+    negative = negative.to(value.device, value.dtype).expand_as(value)
+    return torch.where(drop.to(value.device).view(-1, *([1] * (value.ndim - 1))), negative, value)
+
+
+def _extras_with_dropout(batch: dict[str, Any], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The family's other named text tensors (`text_extras`: pooled_projections, a text mask, ...), each with the
+    dropped rows replaced by its `negative_extras` counterpart: a dropped caption is the whole empty prompt."""
+    extras = dict(batch.get("text_extras") or {})
+    if not extras or not bool(drop.any()):
+        return extras
+    negative = batch.get("negative_extras") or {}
+    if missing := sorted(set(extras) - set(negative)):
+        raise KeyError(f"batch['negative_extras'] lacks {missing}: caption dropout replaces every named text tensor")
+    return {name: _replace_rows(value, negative[name], drop, f"negative_extras[{name!r}]", f"text_extras[{name!r}]")
+            for name, value in extras.items()}
 
 
 @contextmanager
@@ -158,6 +179,9 @@ def _check_batch(batch: dict[str, torch.Tensor], cfg: AsymFlowVRConfig) -> tuple
         )
     if text.ndim != 3 or text.shape[0] != bsz:
         raise ValueError(f"batch['text_embeds'] must be [B,L,D] with B={bsz}, got {tuple(text.shape)}")
+    for name, value in (batch.get("text_extras") or {}).items():
+        if value.shape[:1] != (bsz,):
+            raise ValueError(f"batch['text_extras'][{name!r}] must have B={bsz} rows, got {tuple(value.shape)}")
     return bsz, height, width
 
 
@@ -169,6 +193,7 @@ def asymflow_vr_step(
     cfg: AsymFlowVRConfig,
     perceptual: ImageDistance | None = None,
     text_projected: bool = False,
+    guidance: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One AsymFlowVR loss evaluation (spec §8); returns (loss with graph, detached fp32 scalar metrics).
 
@@ -177,6 +202,12 @@ def asymflow_vr_step(
       latents         [B,r,H/p,W/p] normalised latent token grid (`asymflow.latents.encode_latents` layout)
       text_embeds     [B,L,D_txt]  prompt embeddings (student and teacher see the same rows)
       negative_embeds [B|1,L,D_txt] empty-prompt embedding; required only when cfg.caption_dropout > 0
+      text_extras     optional {name: [B,...]}: the family's other text tensors (FLUX.1 pooled_projections, a text
+                      mask of Qwen-Image or Sana), passed to both models by name; absent for FLUX.2
+      negative_extras {name: [B|1,...]}: the empty prompt's; required with text_extras when cfg.caption_dropout > 0.
+                      A dropped row gets the negative of every named tensor (text_embeds included)
+    guidance: the guidance value of a guidance-distilled model (FLUX.1-dev), given to both models as
+    `guidance` [B]; None for models without a guidance embedding (nothing is passed).
     text_projected: text_embeds/negative_embeds are the frozen context_embedder's outputs (a projected text cache),
     passed on to both models, which then skip that layer; the step is otherwise identical.
     Models are called as model(x_t=, sigma=, encoder_hidden_states=) -> velocity [B,3,H,W]; B and s are
@@ -196,6 +227,9 @@ def asymflow_vr_step(
     model_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     text = _text_with_dropout(batch, drop)
     text_kw = {"text_projected": True} if text_projected else {}  # models without the switch still take raw text
+    text_kw.update(_extras_with_dropout(batch, drop))  # FLUX.2 batches have none: its calls are unchanged
+    if guidance is not None:
+        text_kw["guidance"] = torch.full((bsz,), float(guidance), device=device)
 
     sig = sigma.view(bsz, 1, 1, 1)
     sigma_c = sig.clamp_min(cfg.sigma_min_loss)

@@ -16,7 +16,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .trainable import FULL_MODULES, build_teacher, has_adapter
+from .trainable import build_teacher, has_adapter
+
+
+def family_full_modules(model: nn.Module) -> tuple[str, ...]:
+    """The fully trained modules of the model's family (its patch read-in, read-out and output norm: FLUX.2's and
+    FLUX.1's x_embedder, proj_out, norm_out; SD3's pos_embed.proj, ...), which a teacher must hold frozen copies of."""
+    from .families import detect_family
+
+    return detect_family(model).full_modules
 
 
 def _adapter_layers(model: nn.Module) -> list[nn.Module]:
@@ -84,12 +92,12 @@ class TiedTeacher(nn.Module):
     (`asymflow.trainable.build_teacher(share_base=False)`).
     """
 
-    def __init__(self, student: nn.Module, own_modules: Sequence[str] = FULL_MODULES):
+    def __init__(self, student: nn.Module, own_modules: Sequence[str] | None = None):
         super().__init__()
         if has_adapter(student):
             raise ValueError("tie the teacher before LoRA is attached to the student (apply_trainable)")
         object.__setattr__(self, "_student", student)
-        self._paths = tuple(own_modules)
+        self._paths = tuple(family_full_modules(student) if own_modules is None else own_modules)
         self.frozen = nn.ModuleDict(
             {path.replace(".", "__"): copy.deepcopy(student.get_submodule(path)) for path in self._paths}
         )
@@ -128,11 +136,13 @@ class TiedTeacher(nn.Module):
 
 
 def make_teacher(
-    student: nn.Module, kind: Literal["tied", "copy"], own_modules: Sequence[str] = FULL_MODULES
+    student: nn.Module, kind: Literal["tied", "copy"], own_modules: Sequence[str] | None = None
 ) -> nn.Module:
-    """The frozen teacher of a freshly converted student (call before `apply_trainable`): tied or a full copy."""
+    """The frozen teacher of a freshly converted student (call before `apply_trainable`): tied or a full copy.
+    `own_modules`: the modules the student trains in full, by default its family's (`family_full_modules`)."""
     if kind == "tied":
         return TiedTeacher(student, own_modules)
     if kind == "copy":
-        return build_teacher(student, share_base=False, own_modules=own_modules)
+        own = family_full_modules(student) if own_modules is None else own_modules
+        return build_teacher(student, share_base=False, own_modules=own)
     raise ValueError(f"unknown teacher kind {kind!r}; expected 'tied' or 'copy'")

@@ -143,12 +143,15 @@ def tensor_to_bytes(name: str, x: torch.Tensor, dtype: CacheDtype) -> bytes:
 
 
 def bytes_to_tensor(data: bytes, name: str) -> torch.Tensor:
-    """Inverse of `tensor_to_bytes`: the stored tensor, dequantised, in fp32."""
+    """Inverse of `tensor_to_bytes`: the stored tensor, dequantised, in fp32; an integer tensor (a text mask) keeps its
+    dtype."""
     tensors = st_load(data)
     if name not in tensors:
         raise KeyError(f"tensor {name!r} missing (found {sorted(tensors)})")
-    x = tensors[name].to(torch.float32)
     scale = tensors.get(f"{name}_scale")
+    if scale is None and not tensors[name].is_floating_point():
+        return tensors[name]
+    x = tensors[name].to(torch.float32)
     return x * scale.to(torch.float32) if scale is not None else x
 
 

@@ -33,6 +33,9 @@ from .format import TEXT_SUFFIX as CAPTION_SUFFIX
 from .format import join, load_manifest, load_sample_table, manifest_hash, read_parquet, read_sample_bytes
 
 LATENT_CHANNELS = 128  # FLUX.2: 32 VAE channels × 2×2 packing
+# The family text tensor that is the transformer's encoder_hidden_states (the training batch's text_embeds); the
+# family's other named text tensors travel beside it (`split_text`).
+FAMILY_MAIN_TEXT = "encoder_hidden_states"
 PIXELS_PER_LATENT = 16  # VAE 8× × latent patch 2
 # What reading untrusted shard bytes can raise: I/O, tar structure, image codecs, safetensors, missing members.
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, tarfile.TarError, SafetensorError, Image.DecompressionBombError)
@@ -190,6 +193,15 @@ def read_cached(index: DatasetIndex, row: Mapping[str, Any], *, text: bool = Tru
         if not torch.isfinite(x).all():
             raise CorruptSampleError(shard, key, f"{name} contain NaN or inf")
     return out
+
+
+def split_text(tensors: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(text_embeds, {name: tensor} of the others) from a sample's or the negative's named text tensors `names`:
+    FLUX.2's single text_embeds, or a family's encoder_hidden_states and its extras (pooled projections, masks)."""
+    main = TEXT_NAME if TEXT_NAME in names else FAMILY_MAIN_TEXT
+    if main not in names:
+        raise ValueError(f"the cache's text tensors {list(names)} include neither {TEXT_NAME} nor {FAMILY_MAIN_TEXT}")
+    return tensors[main], {name: tensors[name] for name in names if name != main}
 
 
 def read_training_sample(index: DatasetIndex, row: Mapping[str, Any] | int) -> dict[str, Any]:

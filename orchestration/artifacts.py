@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 
+from asymflow.components import TRAINING_FAMILY
 from orchestration import checkpoint as ckpt
 from orchestration.config import RunConfig, local_file
 
@@ -75,16 +76,15 @@ def load_trainable_weights(path: str) -> dict[str, torch.Tensor]:
 
 def build_model_from_state(state: dict, tensors: dict[str, torch.Tensor]):
     """(pixel model, RunConfig). The structure is rebuilt from the checkpoint's own resolved config:
-    base transformer + subspace → convert → trainable set; then the given tensors are loaded."""
-    from asymflow.components import load_base_components
-    from asymflow.convert import convert_transformer
+    base transformer + subspace → convert → trainable set; then the given tensors are loaded. Any training family:
+    the family's pixel model (orchestration.model_build.convert_base)."""
     from asymflow.subspace import SubspaceArtifact
     from asymflow.trainable import apply_trainable
+    from orchestration.model_build import convert_base
 
     cfg = RunConfig.model_validate(state["config"])
     artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
-    latent = load_base_components(cfg.model, ("transformer",)).transformer
-    model = convert_transformer(latent, artifact.basis, artifact.scale)
+    model = convert_base(cfg, artifact.basis, artifact.scale)
     with torch.random.fork_rng(devices=[]):
         apply_trainable(model, cfg.trainable.mode, cfg.trainable.lora, cfg.trainable.full_modules)
     missing = set(tensors) - set(model.state_dict())
@@ -173,6 +173,10 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
     if pipeline and not merged:
         raise ValueError("a pipeline export holds the merged transformer: pass merged=True (--merged)")
     path = resolve_checkpoint(run_dir, step)
+    family = RunConfig.model_validate(ckpt.read_state(path)["config"]).family()
+    if pipeline and family != TRAINING_FAMILY:
+        raise ValueError(f"a pipeline export (--pipeline) is FLUX.2's (AsymFlux2KleinPipeline); this run trains "
+                         f"{family}: export the adapter or --merged model")
     model, cfg, state = build_model_from_checkpoint(path, weights)
     name = ckpt.step_name(int(state["step"]))
     suffix = "-pipeline" if pipeline else "-merged" if merged else ""
@@ -180,8 +184,12 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
     facts = card_facts(run_dir, cfg, state)
     base = base_model_name(cfg.model)
     if not merged:
-        return export_adapter(model, target, state_dict=model.state_dict(), base_model=base,
-                              base_info=base_record(cfg), card=render_model_card(facts))
+        from asymflow.families.adapter import export_family_adapter
+
+        # another family's fully trained modules and tensors (pos_embed.proj, ...): asymflow.families.adapter
+        write_adapter = export_adapter if family == TRAINING_FAMILY else export_family_adapter
+        return write_adapter(model, target, state_dict=model.state_dict(), base_model=base,
+                             base_info=base_record(cfg), card=render_model_card(facts))
     merge_lora(model)
     card = render_model_card(dataclasses.replace(facts, kind="merged"))
     if not pipeline:
@@ -209,19 +217,11 @@ def render_samples(state: dict, ema: dict[str, torch.Tensor], out_dir: str) -> l
     tensors by value: keep-last-k may delete the checkpoint directory before the task runs."""
     from PIL import Image
 
-    from asymflow.components import load_base_components
-    from asymflow.pipeline import sample_images
-    from asymflow.text import encode_prompts
-
     model, cfg = build_model_from_state(state, ema)
-    s, m = cfg.sample, cfg.model
-    parts = load_base_components(m, ("text_encoder", "tokenizer"))
-    with torch.no_grad():
-        cond = encode_prompts(parts.text_encoder, parts.tokenizer, list(s.prompts), m.text_hidden_layers,
-                              m.max_sequence_length)
-        neg = encode_prompts(parts.text_encoder, parts.tokenizer, [""], m.text_hidden_layers, m.max_sequence_length)
-        images = sample_images(model, cond, neg, height=s.height, width=s.width, num_inference_steps=s.steps,
-                               guidance_scale=s.guidance, generator=torch.Generator().manual_seed(cfg.train.seed))
+    if cfg.family() == TRAINING_FAMILY:
+        images = _flux2_samples(model, cfg)
+    else:
+        images = _family_samples(model, cfg)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for i, image in enumerate(images):
@@ -230,3 +230,42 @@ def render_samples(state: dict, ema: dict[str, torch.Tensor], out_dir: str) -> l
         Image.fromarray(pixels).save(target)
         written.append(target)
     return written
+
+
+def _flux2_samples(model, cfg: RunConfig) -> torch.Tensor:
+    """FLUX.2: asymflow.pipeline's sampler, true CFG at sample.guidance with the empty prompt."""
+    from asymflow.components import load_base_components
+    from asymflow.pipeline import sample_images
+    from asymflow.text import encode_prompts
+
+    s, m = cfg.sample, cfg.model
+    parts = load_base_components(m, ("text_encoder", "tokenizer"))
+    with torch.no_grad():
+        cond = encode_prompts(parts.text_encoder, parts.tokenizer, list(s.prompts), m.text_hidden_layers,
+                              m.max_sequence_length)
+        neg = encode_prompts(parts.text_encoder, parts.tokenizer, [""], m.text_hidden_layers, m.max_sequence_length)
+        return sample_images(model, cond, neg, height=s.height, width=s.width, num_inference_steps=s.steps,
+                             guidance_scale=s.guidance, generator=torch.Generator().manual_seed(cfg.train.seed))
+
+
+def _family_samples(model, cfg: RunConfig) -> torch.Tensor:
+    """Another family: its pipeline's text encoders on sample.prompts (and the empty prompt) as its pipeline encodes
+    them, then families.sampling with the family's sampler defaults and CFG convention; sample.steps steps. The
+    family's own CFG scale is used, not sample.guidance (FLUX.2's true CFG scale: FLUX.1-dev is guidance-distilled
+    and samples without true CFG), and a guidance-distilled model gets the guidance value it was trained with."""
+    from asymflow.families import encode_family_prompts
+    from asymflow.families.load import load_pipeline_components, text_component_names
+    from asymflow.families.sampling import sample_family
+    from data_prep.reader import split_text
+    from orchestration.model_build import training_guidance
+
+    s, family = cfg.sample, cfg.family()
+    parts = load_pipeline_components(cfg.model.path, text_component_names(family))
+    with torch.no_grad():
+        cond = encode_family_prompts(family, parts, list(s.prompts))
+        neg = encode_family_prompts(family, parts, [""] * len(s.prompts), negative=True)
+        text, extras = split_text(cond, tuple(cond))
+        neg_text, neg_extras = split_text(neg, tuple(neg))
+        return sample_family(model, text, extras, neg_text, neg_extras, height=s.height, width=s.width,
+                             num_inference_steps=s.steps, embedded_guidance=training_guidance(cfg, model),
+                             seed=cfg.train.seed)

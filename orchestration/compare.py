@@ -187,6 +187,12 @@ def compare_checkpoint(checkpoint: str, out_dir: str | Path, *, weights: str = "
     from orchestration.artifacts import build_model_from_checkpoint
     from orchestration.config import local_file
 
+    from orchestration import checkpoint as ckpt
+    from orchestration.config import RunConfig
+    from orchestration.sample_source import refuse_unsampled_run
+
+    # the comparison samples base, init and fine-tuned models with asymflow.pipeline: FLUX.2's sampler
+    refuse_unsampled_run(RunConfig.model_validate(ckpt.read_state(checkpoint)["config"]), checkpoint)
     finetuned, cfg, state = build_model_from_checkpoint(checkpoint, weights)
     artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size,
                                      rank=cfg.subspace.rank)

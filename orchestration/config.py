@@ -10,7 +10,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from asymflow.components import BaseModelConfig
+from asymflow.components import TRAINING_FAMILY, BaseModelConfig
 from asymflow.objective import AsymFlowVRConfig
 from asymflow.trainable import FULL_MODULES, LoRASettings
 from orchestration.data_plan import DataSection
@@ -104,6 +104,14 @@ class TrainSection(_Section):
     grad_clip_from_step: int = Field(100, ge=0)
     seed: int = 0
     activation_checkpointing: bool = True
+    # FLUX.1-dev is guidance-distilled: its transformer takes the guidance scale as an input (guidance_embeds) and
+    # cannot run without one. The default is the value its own pipeline samples with (the family's
+    # SamplerDefaults.embedded_guidance, 3.5 for FLUX.1): the teacher's targets then are the converted model at the
+    # guidance it is used at, and the student learns the conditioning it will be sampled with.
+    guidance: float | None = Field(
+        None, ge=0, description="the guidance value a guidance-distilled model (transformer config guidance_embeds, "
+        "e.g. FLUX.1-dev) takes in training, for student and teacher alike; None: the family's sampler default "
+        "(FLUX.1: 3.5). Refused for a model without a guidance embedding")
 
     @model_validator(mode="after")
     def _min_lr(self) -> TrainSection:
@@ -200,8 +208,29 @@ class SampleSection(_Section):
         return self
 
 
+def _plain(value: Any) -> dict[str, Any]:
+    """A section given as a mapping or as its pydantic object, as a new dict."""
+    return value.model_dump() if isinstance(value, BaseModel) else dict(value or {})
+
+
+def _run_family(model: Any) -> str | None:
+    """The family of a `model:` section (given or detected), or None when the section does not validate or names
+    an unwired family: the field validators and preflight say why."""
+    try:
+        cfg = model if isinstance(model, BaseModelConfig) else BaseModelConfig.model_validate(model or {})
+        return cfg.check_family()
+    except (ValueError, ValidationError):
+        return None
+
+
 class RunConfig(_Section):
-    """The whole run: each component receives only its own section."""
+    """The whole run: each component receives only its own section.
+
+    For a model family other than FLUX.2 the family's geometry and trained set are the defaults of the fields that
+    depend on them (`_family_defaults`): subspace.rank (C_lat·q²), objective.patch_size / latent_patch,
+    trainable.full_modules and trainable.lora.targets; values written in the config win. A FLUX.2 config is left
+    exactly as written (its defaults are FLUX.2's), so its resolved config and hash do not change.
+    """
 
     model: BaseModelConfig = BaseModelConfig()
     data: DataSection
@@ -216,10 +245,53 @@ class RunConfig(_Section):
     log: LogSection = LogSection()
     sample: SampleSection = SampleSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        family_name = _run_family(data.get("model"))
+        if family_name in (None, TRAINING_FAMILY):
+            return data
+        from asymflow.families import get_family
+
+        family = get_family(family_name)
+        data = dict(data)
+        subspace, objective, trainable = (_plain(data.get(k)) for k in ("subspace", "objective", "trainable"))
+        subspace.setdefault("rank", family.latent_dim)
+        objective.setdefault("patch_size", family.pixel_patch)
+        objective.setdefault("latent_patch", family.latent_patch)
+        trainable.setdefault("full_modules", family.full_modules)
+        lora = _plain(trainable.get("lora"))
+        lora.setdefault("targets", family.lora_targets)
+        trainable["lora"] = lora
+        # The resolved config (state.json of every checkpoint) names the family even if model.path moves later.
+        model = {**_plain(data.get("model")), "family": family_name}
+        data.update(model=model, subspace=subspace, objective=objective, trainable=trainable)
+        return data
+
+    def family(self) -> str:
+        """The model family this run trains (model.family or the one model.path's files name; FLUX.2 by default)."""
+        return _run_family(self.model) or TRAINING_FAMILY
+
     @model_validator(mode="after")
     def _cross_sections(self) -> RunConfig:
-        if self.objective.patch_size != PIXEL_PATCH:
-            raise ValueError(f"objective.patch_size={self.objective.patch_size} must be {PIXEL_PATCH} for FLUX.2 klein")
+        from asymflow.families import get_family
+
+        family = get_family(self.family())
+        if self.objective.patch_size != family.pixel_patch:
+            raise ValueError(f"objective.patch_size={self.objective.patch_size} must be {family.pixel_patch} for "
+                             f"{family.title} (VAE factor {family.vae_factor} × latent patch {family.latent_patch})")
+        if self.objective.latent_patch != family.latent_patch:
+            raise ValueError(f"objective.latent_patch={self.objective.latent_patch} must be {family.latent_patch} for "
+                             f"{family.title}")
+        if family.name == TRAINING_FAMILY and self.train.guidance is not None:
+            raise ValueError(f"train.guidance={self.train.guidance} is for guidance-distilled models of the other "
+                             "families (FLUX.1-dev); FLUX.2 training gives the model no guidance value")
+        for name in ("height", "width"):
+            if getattr(self.sample, name) % family.pixel_patch:
+                raise ValueError(f"sample.{name}={getattr(self.sample, name)} is not a multiple of {family.pixel_patch} "
+                                 f"({family.title}'s pixel patch size)")
         if self.run.min_workers is not None:
             if self.run.min_workers > self.train.workers:
                 raise ValueError(f"run.min_workers={self.run.min_workers} exceeds train.workers={self.train.workers}")
@@ -281,6 +353,8 @@ class RunConfig(_Section):
         data.pop("log")
         data.pop("sample")
         data["model"].pop("family")  # model.path decides it (a contradicting one is refused); older runs hash alike
+        if data["train"]["guidance"] is None:
+            data["train"].pop("guidance")  # the family default; runs from before the field hash alike
         data["train"].pop("workers")
         data["train"].pop("grad_accum")
         data["train"].pop("micro_batch")

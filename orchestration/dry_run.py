@@ -51,17 +51,17 @@ def count_model_parameters(latent: torch.nn.Module, trainable_cfg: TrainableSect
 
 
 def _latent_on_meta(cfg: RunConfig) -> torch.nn.Module:
-    from diffusers import Flux2Transformer2DModel
-
     from asymflow.components import BUNDLED_PATH, load_base_components
+    from asymflow.families import get_family
 
     m = cfg.model
     if m.kind == "tiny":  # built in code, a few MB: the real thing is as cheap as a meta copy
         return load_base_components(m, ("transformer",)).transformer
     root = m.path or str(BUNDLED_PATH)
-    config = Flux2Transformer2DModel.load_config(root, subfolder="transformer")
+    cls = get_family(cfg.family()).transformer_type()  # Flux2Transformer2DModel, FluxTransformer2DModel, ...
+    config = cls.load_config(root, subfolder="transformer")
     with torch.device("meta"):
-        return Flux2Transformer2DModel.from_config(config)
+        return cls.from_config(config)
 
 
 def state_bytes_per_rank(p: ParamCounts, world: int, gpu: bool, teacher: str,

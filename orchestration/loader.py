@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from data_prep.reader import CorruptSampleError, DatasetIndex, read_training_sample
+from data_prep.reader import CorruptSampleError, DatasetIndex, read_training_sample, split_text
 
 from .data_plan import (
     DataSection,
@@ -27,7 +27,8 @@ from .data_plan import (
 
 log = logging.getLogger(__name__)
 
-# images [b,3,H,W] and latents [b,128,H/16,W/16] in fp32, text_embeds [b,L,D] in bf16 (see _collate), keys list[str]
+# images [b,3,H,W] and latents [b,128,H/16,W/16] in fp32, text_embeds [b,L,D] in bf16 (see _collate), keys list[str];
+# for another family's cache also text_extras {name: [b,...]}, its other named text tensors (see _collate)
 MicroBatch = dict[str, Any]
 
 
@@ -239,15 +240,26 @@ class RankLoader:
     def _collate(self, samples: list[dict[str, Any]]) -> MicroBatch:
         """Stack one micro-batch. Text embeddings, the largest tensor by far (512 × 3 × 4096 values per sample at 9B),
         ship in bf16: exact for a bf16 cache (its values are bf16), and for an fp8 cache the dequantised values rounded
-        to bf16, as the bf16 context embedder on the GPU would take them anyway; half the bytes of fp32 to move."""
-        shapes = {(tuple(s["image"].shape), tuple(s["latents"].shape), tuple(s["text_embeds"].shape)) for s in samples}
+        to bf16, as the bf16 context embedder on the GPU would take them anyway; half the bytes of fp32 to move.
+        A family cache's other text tensors (`text_extras`) ship alike: floating ones in bf16, integer masks as stored."""
+        names = self.index.text_tensors
+        texts = [split_text(s, names) for s in samples]
+        shapes = {(tuple(s["image"].shape), tuple(s["latents"].shape), tuple(text.shape),
+                   *(tuple(x.shape) for x in extras.values())) for s, (text, extras) in zip(samples, texts)}
         if len(shapes) != 1:
             raise ValueError(f"samples {[s['key'] for s in samples]} of one bucket differ in shape: {sorted(shapes)}")
         tensors = {
             "images": torch.stack([s["image"] for s in samples]).float(),
             "latents": torch.stack([s["latents"] for s in samples]).float(),
-            "text_embeds": torch.stack([s["text_embeds"] for s in samples]).to(torch.bfloat16),
+            "text_embeds": torch.stack([text for text, _ in texts]).to(torch.bfloat16),
         }
+        extras = {name: shipped_text(torch.stack([e[name] for _, e in texts])) for name in texts[0][1]}
         if self.pin_memory:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
-        return {**tensors, "keys": [s["key"] for s in samples]}
+            extras = {name: t.pin_memory() for name, t in extras.items()}
+        return {**tensors, **({"text_extras": extras} if extras else {}), "keys": [s["key"] for s in samples]}
+
+
+def shipped_text(x: torch.Tensor) -> torch.Tensor:
+    """A text tensor as batches carry it: floating values in bf16 (see `RankLoader._collate`), integer masks as is."""
+    return x.to(torch.bfloat16) if x.is_floating_point() else x

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
+from asymflow.components import TRAINING_FAMILY
 from orchestration.config import ConfigError, RunConfig, local_file
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def check_model(cfg: RunConfig) -> None:
     family (model.family or the one its files name) must be the one training is wired for."""
     m = cfg.model
     try:
-        m.check_family()
+        family = m.check_family()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if m.kind == "tiny":
@@ -77,6 +78,10 @@ def check_model(cfg: RunConfig) -> None:
         if _is_url(m.path) or not _looks_local(m.path):
             return
         root, parts = Path(m.path), DIFFUSERS_PARTS
+        if family != TRAINING_FAMILY:  # the pipeline's own text components (FLUX.1: CLIP + T5 and their tokenizers)
+            from asymflow.families.load import text_component_names
+
+            parts = ("transformer", "vae", *text_component_names(family))
     if not root.is_dir():
         raise ConfigError(f"model.path: {root} is not a directory (a diffusers model directory is expected)")
     missing = [p for p in parts if not (root / p).is_dir()]
@@ -86,6 +91,25 @@ def check_model(cfg: RunConfig) -> None:
     for part in ("transformer", "vae"):
         if not (root / part / "config.json").is_file():
             raise ConfigError(f"model.path: {root / part} has no config.json")
+    if family != TRAINING_FAMILY:
+        check_family_transformer(cfg, family, root / "transformer" / "config.json")
+
+
+def check_family_transformer(cfg: RunConfig, family_name: str, config_file: Path) -> None:
+    """A non-FLUX.2 base: its transformer config has the family's token geometry, and train.guidance is set only for
+    a guidance-distilled model (the step would hand the guidance to a model that has no input for it)."""
+    import json
+
+    from asymflow.families import get_family
+
+    try:
+        config = json.loads(config_file.read_text())
+        get_family(family_name).check_latent_config(config)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: {config_file}: {exc}") from None
+    if cfg.train.guidance is not None and not config.get("guidance_embeds", False):
+        raise ConfigError(f"train.guidance={cfg.train.guidance}: the model in {cfg.model.path} has no guidance "
+                          "embedding (its transformer config has no guidance_embeds: true); leave train.guidance unset")
 
 
 def check_perceptual(cfg: RunConfig) -> None:
@@ -152,6 +176,10 @@ def check_inputs(cfg: RunConfig) -> None:
         raise ConfigError(f"data.path: {len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[:3]}")
     if not index.has_cache:
         raise ConfigError(f"data.path: {cfg.data.path} has no latent/text cache; run `asymflow prep cache`")
+    family = cfg.family()
+    if index.family != family:
+        raise ConfigError(f"data.path: the cache in {index.cache_dir} holds {index.family} latents and text, this run "
+                          f"trains a {family} model; rebuild it with `asymflow prep cache --config CONFIG --overwrite`")
     fingerprint = cfg.model.fingerprint()
     cached = index.cache_manifest.get("model_fingerprint")
     if cached is not None and not same_model(cached, fingerprint):
@@ -163,7 +191,14 @@ def check_inputs(cfg: RunConfig) -> None:
     if not fs.exists(fs_path):
         raise ConfigError(f"subspace.path: subspace artifact {path} does not exist (run `asymflow prep subspace`)")
     try:
+        # The family first: another family's artifact has another shape, and "wrong rank" is the wrong message.
+        fitted_family = SubspaceArtifact.load(local_file(path)).extra.get("family", TRAINING_FAMILY)  # FLUX.2: none
+        if fitted_family != family:
+            raise ConfigError(f"subspace.path: {path} was fitted for a {fitted_family} model, this run trains a "
+                              f"{family} model; refit it with `asymflow prep subspace`")
         artifact = SubspaceArtifact.load(local_file(path), patch_size=cfg.objective.patch_size, rank=cfg.subspace.rank)
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(f"subspace.path: {exc}") from None
     fitted = artifact.extra.get("model_fingerprint")

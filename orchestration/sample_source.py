@@ -49,14 +49,25 @@ def base_from_arg(base: str) -> Any:
 def _refuse_other_family(root: Path, what: str) -> None:
     """ValueError if the diffusers directory `root` (model_index.json, else transformer/config.json) is a model of a
     family sampling is not wired for; classes no family knows are left to the loaders' own errors."""
-    from asymflow.components import TRAINING_FAMILY, BaseModelConfig, unwired_family_message
+    from asymflow.components import SAMPLING_FAMILIES, BaseModelConfig, unwired_family_message
 
     try:
         family = BaseModelConfig(kind="diffusers", path=str(root)).detected_family()
     except ValueError:
         return
-    if family not in (None, TRAINING_FAMILY):
-        raise ValueError(f"{what} holds a model of family {family}, and {unwired_family_message(family)}")
+    if family not in (None, *SAMPLING_FAMILIES):
+        raise ValueError(f"{what} holds a model of family {family}, and {unwired_family_message(family, 'sampling')}")
+
+
+def refuse_unsampled_run(cfg: Any, run: str) -> None:
+    """ValueError (one line) for a run of a family `asymflow sample` (asymflow.pipeline) is not wired for; its
+    in-training EMA previews (sample.every, rendered with asymflow.families.sampling) are in RUN_DIR/samples/."""
+    from asymflow.components import SAMPLING_FAMILIES, unwired_family_message
+
+    family = cfg.family()
+    if family not in SAMPLING_FAMILIES:
+        raise ValueError(f"{run} trained a {family} model, and {unwired_family_message(family, 'sampling')} "
+                         "(its in-training EMA previews, sample.every, are in RUN_DIR/samples/)")
 
 
 def _recorded_base(root: Path) -> tuple[Any, dict[str, Any]]:
@@ -108,6 +119,7 @@ def resolve_source(source: str, step: int | None = None, base: str | None = None
         path = resolve_checkpoint(source, step)
         state = ckpt.read_state(path)
         cfg = RunConfig.model_validate(state["config"])
+        refuse_unsampled_run(cfg, source)
         s = cfg.sample
         return Source("run", source, int(state["step"]), path, cfg.model,
                       {"height": s.height, "width": s.width, "steps": s.steps, "guidance": s.guidance})

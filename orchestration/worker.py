@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from asymflow.components import TRAINING_FAMILY
 from orchestration import checkpoint as ckpt
 from orchestration.config import RunConfig, local_file
 from orchestration.goodput import Goodput, executed_steps
@@ -237,13 +238,14 @@ class Trainer:
 
         from asymflow.perceptual import build_image_distance
         from asymflow.subspace import SubspaceArtifact
-        from orchestration.model_build import build_student_and_teacher
+        from orchestration.model_build import build_student_and_teacher, training_guidance
 
         cfg = self.cfg
         artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size,
                                          rank=cfg.subspace.rank)
         student, teacher = build_student_and_teacher(cfg, artifact.basis, artifact.scale,
                                                      lora_seed=derive_seed(cfg.train.seed, 0xC0FFEE))
+        self.guidance = training_guidance(cfg, student)  # None but for guidance-distilled models (FLUX.1-dev)
         self.teacher = teacher.to(self.device)
         self.student = student
         self.buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
@@ -282,8 +284,17 @@ class Trainer:
 
         t = self.cfg.train
         index = DatasetIndex.open(self.cfg.data.path)
-        # The empty-prompt embedding replaces dropped captions (only needed when caption dropout is on).
-        self.negative_embeds = index.negative_embeds()[None] if self.cfg.objective.caption_dropout > 0 else None
+        # The empty prompt replaces dropped captions (only needed when caption dropout is on): FLUX.2's one embedding,
+        # or every named text tensor of a family cache (encoder_hidden_states → negative_embeds, the rest by name).
+        self.negative_embeds, self.negative_extras = None, {}
+        if self.cfg.objective.caption_dropout > 0:
+            if index.family == TRAINING_FAMILY:
+                self.negative_embeds = index.negative_embeds()[None]
+            else:
+                from data_prep.reader import split_text
+
+                text, extras = split_text(index.negative_text(), index.text_tensors)
+                self.negative_embeds, self.negative_extras = text[None], {k: v[None] for k, v in extras.items()}
         self.text_projected = index.text_projected  # context_embedder's outputs: the models skip that layer
         return RankLoader(index, self.cfg.data, rank=self.rank, world_size=self.world_size, micro_batch=t.micro_batch,
                           grad_accum=self.accum, global_batch=t.global_batch, state=data_state,
@@ -390,14 +401,19 @@ class Trainer:
             keys.extend(batch["keys"])
             # Pinned on GPU runs (the loader's pin_memory), so these copies overlap with the previous kernels.
             tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            if "text_extras" in batch:  # a family cache's other text tensors (FLUX.1 pooled_projections, ...)
+                tensors["text_extras"] = {k: v.to(self.device, non_blocking=True) for k, v in batch["text_extras"].items()}
             if self.negative_embeds is not None:
                 tensors["negative_embeds"] = self.negative_embeds.to(self.device)
+                if self.negative_extras:
+                    tensors["negative_extras"] = {k: v.to(self.device) for k, v in self.negative_extras.items()}
             generator = torch.Generator().manual_seed(derive_seed(t.seed, step, self.rank, micro))
             # bf16 autocast reaches the transformer blocks (and the perceptual network) only: the step's codec, twin,
             # calibration and recovery switch it off themselves (asymflow.precision, spec §3.4a).
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.use_gpu):
                 loss, metrics = asymflow_vr_step(self.engine, self.teacher, tensors, generator, self.cfg.objective,
-                                                 self.perceptual, text_projected=self.text_projected)
+                                                 self.perceptual, text_projected=self.text_projected,
+                                                 guidance=self.guidance)
             self.engine.backward(loss)
             self.engine.step()
             for k, v in metrics.items():

@@ -138,3 +138,27 @@ def test_open_without_cache_and_with_a_stale_cache(dataset: Path, tmp_path: Path
     assert not index.has_cache and "cache_shard" not in index.table.column_names
     with pytest.raises(FileNotFoundError, match="prep cache"):
         index.negative_embeds()
+
+
+def test_family_text_tensors_split_and_integer_masks_keep_their_dtype():
+    """A family cache's text member: encoder_hidden_states is the batch's text_embeds, the other named tensors ride
+    beside it; an integer mask comes back (and ships in batches) as stored, floating tensors in fp32 (bf16 in
+    batches)."""
+    from safetensors.torch import save as st_save
+
+    from data_prep.cache import bytes_to_tensors
+    from data_prep.reader import split_text
+    from orchestration.loader import shipped_text
+
+    names = ("encoder_hidden_states", "encoder_attention_mask")
+    states, mask = torch.randn(3, 4).to(torch.bfloat16), torch.tensor([1, 1, 0], dtype=torch.int64)
+    read = bytes_to_tensors(st_save({"encoder_hidden_states": states, "encoder_attention_mask": mask}), names)
+    text, extras = split_text(read, names)
+    assert text.dtype == torch.float32 and torch.equal(text, states.float())
+    assert list(extras) == ["encoder_attention_mask"] and extras["encoder_attention_mask"].dtype == torch.int64
+    assert shipped_text(extras["encoder_attention_mask"]).dtype == torch.int64
+    assert shipped_text(text).dtype == torch.bfloat16
+    flux2_text, none = split_text({"text_embeds": text}, ("text_embeds",))
+    assert flux2_text is text and none == {}
+    with pytest.raises(ValueError, match="include neither text_embeds nor encoder_hidden_states"):
+        split_text({"pooled_projections": text}, ("pooled_projections",))

@@ -100,13 +100,19 @@ CASES = [
     (["serve", "bundled", "--port", "70000"], 2, "--port must be 1-65535"),
     (["sample", "{nodata}"], 2, "required: --prompt"),
     # model.family (issue 15): given, detected from model_index.json or transformer/config.json, contradicting
+    (["train", TINY, "--set", "model.family=sd3"], 2,
+     f"--set model.family=sd3: model.family: sd3 (Stable Diffusion 3 / 3.5) {NOT_WIRED}; asymflow.families) but "
+     "training, data prep and sampling are not wired for it; the supported training families are flux2, flux1"),
+    (["train", TINY, "--set", "train.guidance=3.5"], 2,
+     "train.guidance=3.5 is for guidance-distilled models of the other families (FLUX.1-dev); FLUX.2 training gives "
+     "the model no guidance value"),
     (["train", TINY, "--set", "model.family=flux1"], 2,
-     f"--set model.family=flux1: model.family: flux1 (FLUX.1) {NOT_WIRED}; asymflow.families) but training and "
-     "sampling are not wired for it"),
+     "model.family 'flux1' contradicts model.kind 'tiny', a flux2 model built in code or shipped with asymflow"),
     (["train", TINY, "--set", "model.family=dalle"], 2,
      "model.family: unknown model family 'dalle'; supported families: flux2, flux1, sd3, qwen_image, sana"),
+    # training is wired for flux1: the directory is checked for FLUX.1's own components
     (["train", TINY, *DIFFUSERS, "model.path={flux1}"], 2,
-     f"model.path {{flux1}} holds a model of family flux1, and flux1 (FLUX.1) {NOT_WIRED}"),
+     "model.path: {flux1} lacks vae/, tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/"),
     (["train", TINY, *DIFFUSERS, "model.path={sd3}"], 2,
      "model.path {sd3} holds a model of family sd3, and sd3 (Stable Diffusion 3 / 3.5) is not supported for training"),
     (["train", TINY, *DIFFUSERS, "model.path={flux1}", "--set", "model.family=flux2"], 2,
@@ -121,7 +127,9 @@ CASES = [
     (["prep", "subspace", "{nodata}", "--config", "{qwen_cfg}"], 2,
      f"prep subspace: {{qwen_cfg}}: invalid `model:` section: model.family: qwen_image (Qwen-Image) {NOT_WIRED}"),
     (["prep", "cache", "{nodata}", "--config", "{dalle_cfg}"], 2, "model.family: unknown model family 'dalle'"),
-    (["sample", "{flux1}", "--prompt", "x"], 2, f"{{flux1}} holds a model of family flux1, and flux1 (FLUX.1) {NOT_WIRED}"),
+    (["sample", "{flux1}", "--prompt", "x"], 2, "{flux1} holds a model of family flux1, and flux1 (FLUX.1) is not "
+     "supported for sampling yet: its conversion is proven (seamless-init identity, adapter round trip; "
+     "asymflow.families) but sampling is not wired for it; the supported sampling family is flux2"),
 ]
 
 
@@ -256,3 +264,22 @@ def test_sample_base_of_another_family_is_refused(files):
     with pytest.raises(ValueError, match=rf"--base {files['sd3']} holds a model of family sd3, and sd3 .* not wired"):
         base_from_arg(files["sd3"])
     assert base_from_arg(str(BUNDLED_PATH)).kind == "bundled"  # a FLUX.2 transformer/ stays accepted
+
+
+def test_family_geometry_and_trained_set_are_the_run_defaults(files):
+    """A FLUX.1 model's run takes FLUX.1's rank, patch sizes, fully trained modules and LoRA targets when the config
+    does not write them (configs/tiny-flux1.yaml); values written in the config win; a FLUX.2 run keeps FLUX.2's."""
+    from asymflow.families import get_family
+    from asymflow.trainable import FLUX2_LORA_TARGETS
+    from orchestration.config import load_config
+
+    flux1, config = get_family("flux1"), str(REPO / "configs" / "tiny-flux1.yaml")
+    cfg = load_config(config, [f"model.path={files['flux1']}"])
+    assert cfg.family() == "flux1" and cfg.subspace.rank == flux1.latent_dim == 64
+    assert (cfg.objective.patch_size, cfg.objective.latent_patch) == (16, 2)
+    assert cfg.trainable.lora.targets == flux1.lora_targets and cfg.trainable.full_modules == flux1.full_modules
+    assert cfg.trainable.lora.rank == 4  # the rest of the section as written
+    written = load_config(config, [f"model.path={files['flux1']}", "trainable.lora.targets=[x_embedder]",
+                                   "subspace.rank=32"])
+    assert written.trainable.lora.targets == ("x_embedder",) and written.subspace.rank == 32
+    assert load_config(TINY).trainable.lora.targets == FLUX2_LORA_TARGETS and load_config(TINY).subspace.rank == 128

@@ -1,0 +1,147 @@
+"""`asymflow train` through the whole stack for the model families beside FLUX.2 (issue 15): a tiny pipeline
+directory of the family's real diffusers classes → the session's shards (tests/orchestration/conftest.py `dataset`,
+32×32 images: one 2×2 token grid for a 16-pixel patch) → the family's latent/text cache and subspace → Ray + ZeRO-3
+(2 CPU workers), one worker SIGTERMed mid-run and the run resumed, against an uninterrupted run: the final trainable
+weights and EMA are bitwise equal, the adapter export and the EMA samples (families.sampling) exist.
+
+A family joins with one line in FAMILIES once its data prep exists (`prep cache` / `prep subspace`) and a tiny
+pipeline directory can be written for it (asymflow.families.load.save_tiny_family_pipeline).
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.asymflow.test_families_convert import conditioning
+from tests.orchestration.test_train_integration import (  # noqa: F401  (`ray_cluster`: module fixture)
+    Killer, _assert_same, _final_tensors, _keys_by_step, _run, ray_cluster,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4  # checkpoints at 2 and 4 (tiny-flux1.yaml): the SIGTERM after step 2 resumes from a just-in-time one
+FAMILIES = [
+    pytest.param(("flux1", "tiny-flux1.yaml"), id="flux1"),  # (family, config)
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_data(request, dataset, tmp_path_factory) -> dict:
+    """The family's tiny pipeline directory and a copy of the session's shards with the family's cache + subspace."""
+    from asymflow.families.load import save_tiny_family_pipeline
+    from data_prep.cache import CACHE_DIR, build_cache
+    from data_prep.run_config import load_model_config
+    from data_prep.subspace_job import fit_subspace
+
+    family, config = request.param
+    root = tmp_path_factory.mktemp(f"{family}-train")
+    model = save_tiny_family_pipeline(family, root / "model")
+    data = root / "data"
+    # The shards only: the session's FLUX.2 cache and subspace stay behind.
+    shutil.copytree(dataset, data, ignore=lambda d, names: [n for n in names if n in (CACHE_DIR, "subspace.safetensors")])
+    model_cfg = root / "model.yaml"
+    model_cfg.write_text(f"model:\n  kind: diffusers\n  path: {model}\n")
+    cfg = load_model_config(str(model_cfg))  # data prep's own config path; the family is detected
+    build_cache(str(data), cfg, batch_size=8, progress=False)
+    fit_subspace(str(data), cfg, num_images=16, progress=False)
+    return {"family": family, "config": str(REPO / "configs" / config), "model": model, "data": str(data)}
+
+
+def _config(family_data: dict, storage: Path, name: str, extra: tuple[str, ...] = ()):
+    from orchestration.config import load_config
+
+    return load_config(family_data["config"], [
+        f"model.path={family_data['model']}", f"data.path={family_data['data']}", f"run.storage={storage}",
+        f"run.name={name}", f"train.steps={STEPS}", "log.wandb_mode=disabled", *extra,
+    ])
+
+
+def test_family_run_resumes_bitwise_after_sigterm(family_data, ray_cluster, tmp_path):
+    import torch
+
+    from asymflow.families import get_family
+    from asymflow.families.adapter import load_family_adapter
+    from orchestration.artifacts import build_model_from_checkpoint, export_checkpoint
+    from orchestration.checkpoint import read_state
+    from orchestration.preflight import check_inputs
+
+    family = get_family(family_data["family"])
+    plain_cfg = _config(family_data, tmp_path, "plain")
+    assert plain_cfg.family() == family.name and plain_cfg.subspace.rank == family.latent_dim
+    assert plain_cfg.trainable.lora.targets == family.lora_targets
+    check_inputs(plain_cfg)  # preflight accepts the family's cache and subspace
+    plain = Path(_run(plain_cfg).run_dir)
+    termed = Killer(tmp_path / "sigterm", after_steps=2, sig=signal.SIGTERM)
+    _run(_config(family_data, tmp_path, "sigterm"), termed)
+    assert termed.killed_pid, "the killer never found a worker"
+
+    reference, resumed = _final_tensors(plain, STEPS), _final_tensors(tmp_path / "sigterm", STEPS)
+    _assert_same(reference[0], resumed[0])
+    _assert_same(reference[1], resumed[1])
+    assert _keys_by_step(tmp_path / "sigterm") == _keys_by_step(plain) and sorted(_keys_by_step(plain)) == [0, 1, 2, 3]
+    final_state = read_state(str(tmp_path / "sigterm" / "checkpoints" / f"step-{STEPS:08d}"))
+    assert final_state["preemptions"] >= 1 and final_state["steps_lost"] == 0
+    # Trained: the LoRA (B starts at zero) and the fully trained read-in moved.
+    assert any("lora_B" in n and reference[0][n].abs().max() > 0 for n in reference[0])
+
+    # The EMA samples went through the family's sampler; the export is the family's adapter, and loading it onto the
+    # latent base gives the model `--weights ema` rebuilds from the checkpoint.
+    assert (plain / "samples" / f"step-{STEPS:08d}" / "00.png").exists()
+    export = plain / "export" / f"step-{STEPS:08d}"
+    model, cfg, _ = build_model_from_checkpoint(str(plain / "checkpoints" / f"step-{STEPS:08d}"), "ema")
+    assert type(model) is family.pixel_class()
+    loaded = load_family_adapter(export, str(Path(family_data["model"]) / "transformer")).eval()
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([0.3, 0.7])
+    text, extra = conditioning(family.name, 2, torch.float32)
+    with torch.no_grad():
+        want, got = model(x, sigma, text, **extra), loaded(x, sigma, text, **extra)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # `--merged`: the LoRA fused into a complete model directory that the family's pixel class loads alone.
+    merged = export_checkpoint(str(plain), STEPS, out=str(tmp_path / "merged"), merged=True)
+    with torch.no_grad():
+        fused = family.pixel_class().from_pretrained(merged).eval()(x, sigma, text, **extra)
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+    # `--weights trainable` rebuilds the family's pixel model from DeepSpeed's consolidated trainable weights.
+    trained, _, _ = build_model_from_checkpoint(str(plain / "checkpoints" / f"step-{STEPS:08d}"), "trainable")
+    assert type(trained) is family.pixel_class()
+    assert torch.equal(trained.x_embedder.weight, reference[0]["x_embedder.weight"])
+
+    # `train --dry-run` counts the family's pixel model; `asymflow sample` (FLUX.2's pipeline) refuses the run.
+    from orchestration.dry_run import count_parameters
+    from orchestration.sample_source import resolve_source
+
+    assert count_parameters(cfg).total == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    with pytest.raises(ValueError, match=rf"trained a {family.name} model, and .* not supported for sampling yet"):
+        resolve_source(str(plain))
+
+
+def test_preflight_refuses_another_familys_cache_subspace_or_guidance(family_data, dataset, tmp_path):
+    """One ConfigError line each: a FLUX.2 run on the family's cache, the family's run with the session's FLUX.2
+    subspace, and train.guidance for a model without a guidance embedding."""
+    import json
+
+    from orchestration.config import ConfigError, load_config
+    from orchestration.preflight import check_inputs
+
+    name = family_data["family"]
+    flux2 = load_config(str(REPO / "configs" / "tiny.yaml"), [f"data.path={family_data['data']}"])
+    with pytest.raises(ConfigError, match=rf"^data.path: the cache in .* holds {name} latents and text, this run "
+                                          r"trains a flux2 model; rebuild it with `asymflow prep cache"):
+        check_inputs(flux2)
+    mixed = _config(family_data, tmp_path, "mixed", (f"subspace.path={dataset}/subspace.safetensors",))
+    with pytest.raises(ConfigError, match=rf"^subspace.path: .* was fitted for a flux2 model, this run trains a "
+                                          rf"{name} model; refit it with `asymflow prep subspace`$"):
+        check_inputs(mixed)
+    # The same pipeline without a guidance embedding (FLUX.1-schnell-like): train.guidance is refused.
+    plain_model = tmp_path / "no-guidance"
+    shutil.copytree(family_data["model"], plain_model)
+    config_file = plain_model / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "guidance_embeds": False}))
+    cfg = _config({**family_data, "model": plain_model}, tmp_path, "no-guidance", ("train.guidance=2.0",))
+    with pytest.raises(ConfigError, match=r"^train.guidance=2.0: the model in .* has no guidance embedding"):
+        check_inputs(cfg)
