@@ -29,7 +29,8 @@ def single_thread():
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def sources(request, tmp_path_factory) -> dict:
-    """The family's tiny diffusers base, a trained adapter exported for it, and the merged pipeline saved."""
+    """The family's tiny diffusers base, a trained adapter exported for it, the merged pipeline and the merged pixel
+    model alone (save_pretrained) saved."""
     from diffusers import DiffusionPipeline
 
     from asymflow.families.adapter import load_family_adapter
@@ -44,7 +45,9 @@ def sources(request, tmp_path_factory) -> dict:
     text = load_pipeline_components(base, text_component_names(name))
     merged = AsymFlowFamilyPipeline(load_family_adapter(adapter, base / "transformer", merge=True), **text)
     merged.save_pretrained(root / "pipeline")
-    return {"name": name, "root": root, "base": base, "adapter": adapter, "pipeline": root / "pipeline", "text": text}
+    merged.transformer.save_pretrained(root / "model")
+    return {"name": name, "root": root, "base": base, "adapter": adapter, "pipeline": root / "pipeline",
+            "model": root / "model", "text": text}
 
 
 def sample(name: str, source: Path, out: Path, *extra: str) -> list[Path]:
@@ -89,14 +92,20 @@ def test_adapter_with_base_writes_the_pipelines_images(sources, tmp_path) -> Non
     assert meta["sigma_grid"] == defaults.grid and meta["nfe"] == STEPS and meta["integrator"] == "euler"
 
 
-def test_saved_pipeline_and_flags(sources, tmp_path) -> None:
-    """A saved family pipeline samples alike; --guidance (true CFG) and --embedded-guidance reach the pipeline."""
+def test_saved_pipeline_complete_model_and_flags(sources, tmp_path) -> None:
+    """A saved family pipeline, and a complete pixel model with --base, sample alike; --guidance (true CFG) and
+    --embedded-guidance reach the pipeline."""
     from asymflow.families.pipeline import AsymFlowFamilyPipeline
 
     name = sources["name"]
     pipe = AsymFlowFamilyPipeline.from_pretrained(sources["pipeline"])
     (written,) = sample(name, sources["pipeline"], tmp_path)
     assert np.array_equal(pixels(written), expected_pixels(pipe, name, 0))
+    model = get_family(name).pixel_class().from_pretrained(sources["model"])
+    (from_model,) = sample(name, sources["model"], tmp_path / "m", "--base", str(sources["base"]))
+    assert np.array_equal(pixels(from_model), expected_pixels(AsymFlowFamilyPipeline(model, **sources["text"]), name, 0))
+    with Image.open(from_model) as im:
+        assert json.loads(im.text["asymflow"])["source_kind"] == "model"
     flag = ("--embedded-guidance", "1.5") if name == "flux1" else ("--guidance", "1")
     (guided,) = sample(name, sources["pipeline"], tmp_path / "g", *flag)
     assert not np.array_equal(pixels(guided), pixels(written))
