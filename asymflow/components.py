@@ -15,8 +15,9 @@ ALL_PARTS: tuple[Part, ...] = ("transformer", "vae", "text_encoder", "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The small trained base shipped with the repo (scripts/train_tiny_base.py writes it; see its MODEL_CARD.md).
 BUNDLED_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny_base"
-# `model.family`: the names of asymflow.families.FAMILIES (a test keeps them equal). Training and sampling are wired
-# for TRAINING_FAMILY only; the others' conversion is proven (seamless-init identity, adapter round trip).
+# `model.family`: the names of asymflow.families.FAMILIES (a test keeps them equal). Training is wired for
+# TRAINING_FAMILY only; the others' conversion is proven (seamless-init identity, adapter round trip) and they sample
+# through asymflow.families.pipeline (`asymflow sample` resolves family sources without this config).
 FamilyName = Literal["flux2", "flux1", "sd3", "qwen_image", "sana"]
 TRAINING_FAMILY = "flux2"
 # Data prep (`prep cache`, `prep subspace`) is wired for these; it validates its `model:` section with
@@ -31,14 +32,13 @@ def _family_names() -> str:
 
 
 def unwired_family_message(name: str) -> str:
-    """Why a family other than TRAINING_FAMILY is refused by training and sampling (and data prep, outside
-    DATA_PREP_FAMILIES)."""
+    """Why a family other than TRAINING_FAMILY is refused by training (and data prep, outside DATA_PREP_FAMILIES)."""
     from .families import get_family
 
-    unwired = "training and sampling" if name in DATA_PREP_FAMILIES else "training, data prep and sampling"
+    unwired = "training is" if name in DATA_PREP_FAMILIES else "training and data prep are"
     return (f"{name} ({get_family(name).title}) is not supported for training yet: its conversion is proven "
-            f"(seamless-init identity, adapter round trip; asymflow.families) but {unwired} "
-            f"are not wired for it; the supported training family is {TRAINING_FAMILY}")
+            f"(seamless-init identity, adapter round trip; asymflow.families) and it samples (asymflow sample), but "
+            f"{unwired} not wired for it; the supported training family is {TRAINING_FAMILY}")
 
 
 class BaseModelConfig(BaseModel):
@@ -58,7 +58,7 @@ class BaseModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     family: FamilyName | None = Field(
         None, description="the latent model family; when omitted, read from a local model.path's model_index.json or "
-        "transformer/config.json (`detected_family`); only flux2 is wired for training and sampling, flux2 and flux1 "
+        "transformer/config.json (`detected_family`); only flux2 is wired for training, flux2 and flux1 "
         "for data prep (prep cache, prep subspace)")
 
     @field_validator("family", mode="before")
@@ -66,7 +66,7 @@ class BaseModelConfig(BaseModel):
     def _known_family(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None and value not in get_args(FamilyName):
             raise ValueError(f"unknown model family {value!r}; supported families: {_family_names()}")
-        # Training and sampling accept TRAINING_FAMILY only; data prep passes its wider set as validation context.
+        # Training accepts TRAINING_FAMILY only; data prep passes its wider set as validation context.
         if value not in (None, *(info.context or {}).get("families", (TRAINING_FAMILY,))):
             raise ValueError(unwired_family_message(value))
         return value

@@ -101,8 +101,8 @@ CASES = [
     (["sample", "{nodata}"], 2, "required: --prompt"),
     # model.family (issue 15): given, detected from model_index.json or transformer/config.json, contradicting
     (["train", TINY, "--set", "model.family=flux1"], 2,
-     f"--set model.family=flux1: model.family: flux1 (FLUX.1) {NOT_WIRED}; asymflow.families) but training and "
-     "sampling are not wired for it"),
+     f"--set model.family=flux1: model.family: flux1 (FLUX.1) {NOT_WIRED}; asymflow.families) and it samples "
+     "(asymflow sample), but training is not wired for it"),
     (["train", TINY, "--set", "model.family=dalle"], 2,
      "model.family: unknown model family 'dalle'; supported families: flux2, flux1, sd3, qwen_image, sana"),
     (["train", TINY, *DIFFUSERS, "model.path={flux1}"], 2,
@@ -117,7 +117,7 @@ CASES = [
     (["prep", "cache", "{nodata}", "--config", "{flux1_cfg}"], 2, "prep cache: {nodata}: not a dataset"),
     (["prep", "cache", "{nodata}", "--config", "{sd3_cfg}"], 2,
      f"prep cache: {{sd3_cfg}}: model.path {{sd3}} holds a model of family sd3, and sd3 (Stable Diffusion 3 / 3.5) "
-     f"{NOT_WIRED}; asymflow.families) but training, data prep and sampling are not wired"),
+     f"{NOT_WIRED}; asymflow.families) and it samples (asymflow sample), but training and data prep are not wired"),
     (["prep", "subspace", "{nodata}", "--config", "{qwen_cfg}"], 2,
      f"prep subspace: {{qwen_cfg}}: invalid `model:` section: model.family: qwen_image (Qwen-Image) {NOT_WIRED}"),
     (["prep", "cache", "{nodata}", "--config", "{dalle_cfg}"], 2, "model.family: unknown model family 'dalle'"),
