@@ -92,6 +92,9 @@ def _family_source(root: Path, source: str, family: str, base: str | None) -> So
         title = get_family(family).title
         raise ValueError(f"{source} is a latent {title} diffusers pipeline, not an AsymFlow one: sample an adapter "
                          f"converted from it with `asymflow sample ADAPTER --base {source}`")
+    if json.loads((root / "config.json").read_text()).get("_class_name") == get_family(family).transformer_class:
+        raise ValueError(f"{source} is a latent {get_family(family).title} transformer, not an AsymFlow pixel model: "
+                         f"convert it (asymflow.families.convert_family_transformer) or sample an adapter")
     chosen = fs.check_base(base if base is not None else fs.recorded_base(root), family, source)
     kind: SourceKind = "model" if fs.is_complete_family_model(root, family) else "adapter"
     return Source(kind, source, base=chosen, family=family)

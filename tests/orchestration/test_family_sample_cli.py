@@ -128,6 +128,8 @@ def test_bad_family_requests_are_one_error_line(sources, tmp_path, capsys) -> No
     title = get_family(name).title
     assert "pass --base" in _error(capsys, adapter)
     assert f"{base} is a latent {title} diffusers pipeline, not an AsymFlow one" in _error(capsys, base)
+    assert f"is a latent {title} transformer, not an AsymFlow pixel model" in _error(capsys, f"{base}/transformer",
+                                                                                    "--base", base)
     other = "sana" if name != "sana" else "flux1"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text(
