@@ -165,19 +165,22 @@ class AsymFlowFamilyPipeline(DiffusionPipeline):
         scale = defaults.cfg_scale if guidance_scale is None else float(guidance_scale)
         steps = defaults.steps if num_inference_steps is None else int(num_inference_steps)
         height, width = height or DEFAULT_SIZE, width or DEFAULT_SIZE
+        def repeat(encoded: Mapping[str, torch.Tensor]) -> Encoded:
+            return {k: v.repeat_interleave(num_images_per_prompt, dim=0) for k, v in encoded.items()}
+
         if encoded_prompt is None:
             if prompt is None:
                 raise ValueError("pass either prompt or encoded_prompt")
             encoded_prompt = self.encode_prompt(prompt, False, num_images_per_prompt, **options)
         else:
-            encoded_prompt = {k: v.repeat_interleave(num_images_per_prompt, dim=0) for k, v in encoded_prompt.items()}
+            encoded_prompt = repeat(encoded_prompt)
         batch = encoded_prompt["encoder_hidden_states"].shape[0]
         if encoded_negative is None and scale != 1.0:
             count = batch // num_images_per_prompt
             negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
             encoded_negative = self.encode_prompt(negatives, True, num_images_per_prompt, **options)
         elif encoded_negative is not None:
-            encoded_negative = {k: v.repeat_interleave(num_images_per_prompt, dim=0) for k, v in encoded_negative.items()}
+            encoded_negative = repeat(encoded_negative)
         p = self.transformer.config.patch_size
         if height % p or width % p or height <= 0 or width <= 0:
             raise ValueError(f"height={height} and width={width} must be positive multiples of the {family.title} "

@@ -76,7 +76,8 @@ def test_adapter_with_base_writes_the_pipelines_images(sources, tmp_path) -> Non
     from asymflow.families.pipeline import AsymFlowFamilyPipeline
 
     name = sources["name"]
-    written = sample(name, sources["adapter"], tmp_path, "--base", str(sources["base"]), "--seed", "3", "--num-images", "2")
+    written = sample(name, sources["adapter"], tmp_path, "--base", str(sources["base"]), "--seed", "3",
+                     "--num-images", "2")
     assert [p.name for p in written] == ["a-red-cat-seed3.png", "a-red-cat-seed4.png"]
     pipe = AsymFlowFamilyPipeline(load_family_adapter(sources["adapter"], sources["base"] / "transformer"),
                                   **sources["text"])
@@ -103,7 +104,8 @@ def test_saved_pipeline_complete_model_and_flags(sources, tmp_path) -> None:
     assert np.array_equal(pixels(written), expected_pixels(pipe, name, 0))
     model = get_family(name).pixel_class().from_pretrained(sources["model"])
     (from_model,) = sample(name, sources["model"], tmp_path / "m", "--base", str(sources["base"]))
-    assert np.array_equal(pixels(from_model), expected_pixels(AsymFlowFamilyPipeline(model, **sources["text"]), name, 0))
+    from_model_pipe = AsymFlowFamilyPipeline(model, **sources["text"])
+    assert np.array_equal(pixels(from_model), expected_pixels(from_model_pipe, name, 0))
     with Image.open(from_model) as im:
         assert json.loads(im.text["asymflow"])["source_kind"] == "model"
     flag = ("--embedded-guidance", "1.5") if name == "flux1" else ("--guidance", "1")
