@@ -44,6 +44,7 @@ _PUBLIC = {
     "encode_family_prompts": "asymflow.families.text",
     "sampling_inputs": "asymflow.families.text",
     "sample_family": "asymflow.families.sampling",
+    "AsymFlowFamilyPipeline": "asymflow.families.pipeline",
 }
 
 __all__ = sorted(_PUBLIC)

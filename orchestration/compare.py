@@ -188,11 +188,14 @@ def compare_checkpoint(checkpoint: str, out_dir: str | Path, *, weights: str = "
     from orchestration.config import local_file
 
     from orchestration import checkpoint as ckpt
+    from asymflow.components import TRAINING_FAMILY
     from orchestration.config import RunConfig
-    from orchestration.sample_source import refuse_unsampled_run
 
-    # the comparison samples base, init and fine-tuned models with asymflow.pipeline: FLUX.2's sampler
-    refuse_unsampled_run(RunConfig.model_validate(ckpt.read_state(checkpoint)["config"]), checkpoint)
+    # the comparison samples base, init and fine-tuned models with asymflow.pipeline: FLUX.2's sampler and autoencoder
+    family = RunConfig.model_validate(ckpt.read_state(checkpoint)["config"]).family()
+    if family != TRAINING_FAMILY:
+        raise ValueError(f"{checkpoint} trained a {family} model; asymflow compare is wired for {TRAINING_FAMILY} runs "
+                         "only (sample the run with `asymflow sample`; its EMA previews are in RUN_DIR/samples/)")
     finetuned, cfg, state = build_model_from_checkpoint(checkpoint, weights)
     artifact = SubspaceArtifact.load(local_file(cfg.subspace_path), patch_size=cfg.objective.patch_size,
                                      rank=cfg.subspace.rank)

@@ -1,5 +1,6 @@
 """SOURCE → a ready-to-sample AsymFlux2KleinPipeline, for a run directory, an export, a merged model, a saved pipeline
-or the official adapter (`asymflow sample`, `asymflow serve`)."""
+or the official adapter (`asymflow sample`, `asymflow serve`); sources of the other families (FLUX.1, SD3, Qwen-Image,
+Sana) are recognised here (`Source.family`) and loaded by orchestration.family_source."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,14 @@ class Source:
     checkpoint: str | None = None  # run: the checkpoint directory used
     base: Any = None  # BaseModelConfig of the latent base / text encoder (None for a pipeline directory)
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults recorded with the source
+    # A non-FLUX.2 family's name (then `base` is the family's diffusers pipeline directory, or the run's model config);
+    # None for FLUX.2, whose sources keep every behaviour above.
+    family: str | None = None
+
+    @property
+    def base_dir(self) -> str | None:
+        """The family base directory (text components, latent transformer/) of a family source."""
+        return getattr(self.base, "path", self.base)
 
 
 def base_from_arg(base: str) -> Any:
@@ -47,27 +56,48 @@ def base_from_arg(base: str) -> Any:
 
 
 def _refuse_other_family(root: Path, what: str) -> None:
-    """ValueError if the diffusers directory `root` (model_index.json, else transformer/config.json) is a model of a
-    family sampling is not wired for; classes no family knows are left to the loaders' own errors."""
-    from asymflow.components import SAMPLING_FAMILIES, BaseModelConfig, unwired_family_message
+    """ValueError if the diffusers directory `root` (model_index.json, else transformer/config.json), given as the
+    base of a FLUX.2 source, holds a model of another family; classes no family knows are left to the loaders."""
+    from asymflow.components import TRAINING_FAMILY, BaseModelConfig
+    from asymflow.families import get_family
 
     try:
         family = BaseModelConfig(kind="diffusers", path=str(root)).detected_family()
     except ValueError:
         return
-    if family not in (None, *SAMPLING_FAMILIES):
-        raise ValueError(f"{what} holds a model of family {family}, and {unwired_family_message(family, 'sampling')}")
+    if family not in (None, TRAINING_FAMILY):
+        raise ValueError(f"{what} holds a model of family {family} ({get_family(family).title}), but SOURCE is a "
+                         f"FLUX.2 model: its base must be a FLUX.2 klein directory, 'tiny' or 'bundled'")
 
 
-def refuse_unsampled_run(cfg: Any, run: str) -> None:
-    """ValueError (one line) for a run of a family `asymflow sample` (asymflow.pipeline) is not wired for; its
-    in-training EMA previews (sample.every, rendered with asymflow.families.sampling) are in RUN_DIR/samples/."""
-    from asymflow.components import SAMPLING_FAMILIES, unwired_family_message
+def _run_family(model: Any) -> str | None:
+    """A run's non-FLUX.2 family (its model config's `family`, else the family of model.path), or None."""
+    from asymflow.components import TRAINING_FAMILY
 
-    family = cfg.family()
-    if family not in SAMPLING_FAMILIES:
-        raise ValueError(f"{run} trained a {family} model, and {unwired_family_message(family, 'sampling')} "
-                         "(its in-training EMA previews, sample.every, are in RUN_DIR/samples/)")
+    try:
+        family = model.family or model.detected_family()
+    except ValueError:
+        return None
+    return None if family in (None, TRAINING_FAMILY) else family
+
+
+def _family_source(root: Path, source: str, family: str, base: str | None) -> Source:
+    """A family's saved pipeline, or its adapter / complete pixel model with a base directory of the family."""
+    from asymflow.families import get_family
+    from orchestration import family_source as fs
+
+    if (root / "model_index.json").is_file():
+        if fs.is_family_pipeline(root):
+            return Source("pipeline", source, family=family)
+        title = get_family(family).title
+        raise ValueError(f"{source} is a latent {title} diffusers pipeline, not an AsymFlow one: sample an adapter "
+                         f"converted from it with `asymflow sample ADAPTER --base {source}`")
+    if json.loads((root / "config.json").read_text()).get("_class_name") == get_family(family).transformer_class:
+        raise ValueError(f"{source} is a latent {get_family(family).title} transformer, not an AsymFlow pixel model: "
+                         f"convert it (asymflow.families.convert_family_transformer) or sample an adapter")
+    chosen = fs.check_base(base if base is not None else fs.recorded_base(root), family, source)
+    kind: SourceKind = "model" if fs.is_complete_family_model(root, family) else "adapter"
+    return Source(kind, source, base=chosen, family=family)
 
 
 def _recorded_base(root: Path) -> tuple[Any, dict[str, Any]]:
@@ -119,20 +149,30 @@ def resolve_source(source: str, step: int | None = None, base: str | None = None
         path = resolve_checkpoint(source, step)
         state = ckpt.read_state(path)
         cfg = RunConfig.model_validate(state["config"])
-        refuse_unsampled_run(cfg, source)
         s = cfg.sample
+        family = _run_family(cfg.model)
+        if family is not None:  # guidance: the family's own convention, not the FLUX.2 sample setting
+            return Source("run", source, int(state["step"]), path, cfg.model,
+                          {"height": s.height, "width": s.width, "steps": s.steps}, family=family)
         return Source("run", source, int(state["step"]), path, cfg.model,
                       {"height": s.height, "width": s.width, "steps": s.steps, "guidance": s.guidance})
     if step is not None:
         raise ValueError(f"--step applies to run directories only; {source} has no checkpoints/")
+    from orchestration.family_source import directory_family
+
     if (root / "model_index.json").is_file():
-        _refuse_other_family(root, source)
+        family = directory_family(root)
+        if family not in (None, "flux2"):
+            return _family_source(root, source, family, base)
         return Source("pipeline", source, defaults=_recorded_base(root)[1])
     if not root.is_dir():
         raise ValueError(f"{source} does not exist or is not a directory")
     if not (root / "config.json").is_file():
         raise ValueError(f"{source} is not a run directory (checkpoints/), a pipeline (model_index.json), or a model "
                          f"or adapter directory (config.json)")
+    family = directory_family(root)
+    if family not in (None, "flux2"):
+        return _family_source(root, source, family, base)
     from asymflow.export import read_pixel_config
 
     config = read_pixel_config(root)
@@ -154,6 +194,10 @@ def transformer_facts(src: Source) -> tuple[dict[str, Any], int, int]:
     from asymflow.tiny import TINY_TRANSFORMER_CONFIG
 
     root = Path(src.path)
+    if src.family is not None:  # text length: FLUX.1's T5 window, about the others' (SD3 333, Sana 300)
+        from orchestration.family_source import family_transformer_facts
+
+        return family_transformer_facts(src.kind, src.path, src.base_dir), 512, 4
     if src.kind == "pipeline":
         index = json.loads((root / "model_index.json").read_text())
         config = json.loads((root / "transformer" / "config.json").read_text())
@@ -177,7 +221,8 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     weights: Literal["ema", "trainable"] = "ema",
 ):
-    """SOURCE → AsymFlux2KleinPipeline on `device`, transformer in eval mode.
+    """SOURCE → AsymFlux2KleinPipeline on `device`, transformer in eval mode (a family source: AsymFlowFamilyPipeline,
+    see orchestration.family_source; `dtype` does not apply to it).
 
     run directory: the checkpoint at `step` (latest complete by default), EMA weights (or `weights="trainable"`),
         base and text encoder from the run's config;
@@ -196,6 +241,10 @@ def load_pipeline(
     from orchestration.artifacts import build_model_from_checkpoint
 
     src = source if isinstance(source, Source) else resolve_source(source, step, base)
+    if src.family is not None:
+        from orchestration.family_source import load_family_pipeline
+
+        return load_family_pipeline(src.kind, src.path, src.family, src.base_dir, src.checkpoint, device, weights)
     if src.kind == "pipeline":
         pipe = AsymFlux2KleinPipeline.from_pretrained(src.path, torch_dtype=dtype)
     else:

@@ -244,6 +244,11 @@ def load_backend(source: str, device: str = "cpu", compare_latent: bool = False,
             raise ValueError("--base and --step do not apply to the bundled base")
         return _bundled_backend(source, dev, compare_latent)
     src = resolve_source(source, step, base)
+    if src.family is not None:  # the page's sizes (16-px steps), step counter and latent comparison are FLUX.2's
+        from asymflow.families import get_family
+
+        raise ValueError(f"{source} is a {get_family(src.family).title} model; asymflow serve runs FLUX.2 models only "
+                         f"for now: use `asymflow sample {source} ...` (it samples every family)")
     pipe = load_pipeline(src, device=dev)
     latent = None
     if compare_latent and src.base is not None:

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 from diffusers import SD3Transformer2DModel
+from diffusers import ModelMixin  # noqa: F401  diffusers' pipeline loader looks base classes up by name in this module
 from diffusers.configuration_utils import register_to_config
 
 from asymflow.parameterisation import SIGMA_MIN_EVAL_FLUX2

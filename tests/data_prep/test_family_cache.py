@@ -55,7 +55,7 @@ def test_data_prep_accepts_flux1_and_still_refuses_the_other_families(flux1, tmp
     sd3 = tmp_path / "sd3.yaml"
     sd3.write_text("model:\n  family: sd3\n")
     with pytest.raises(ValueError, match=r"sd3 \(Stable Diffusion 3 / 3.5\) is not supported for training yet: .* "
-                                         r"but training, data prep and sampling are not wired"):
+                                         r"but training and data prep are not wired"):
         load_model_config(str(sd3))
 
 

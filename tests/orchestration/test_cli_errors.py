@@ -102,7 +102,7 @@ CASES = [
     # model.family (issue 15): given, detected from model_index.json or transformer/config.json, contradicting
     (["train", TINY, "--set", "model.family=sd3"], 2,
      f"--set model.family=sd3: model.family: sd3 (Stable Diffusion 3 / 3.5) {NOT_WIRED}; asymflow.families) but "
-     "training, data prep and sampling are not wired for it; the supported training families are flux2, flux1"),
+     "training and data prep are not wired for it; the supported training families are flux2, flux1"),
     (["train", TINY, "--set", "train.guidance=3.5"], 2,
      "train.guidance=3.5 is for guidance-distilled models of the other families (FLUX.1-dev); FLUX.2 training gives "
      "the model no guidance value"),
@@ -123,13 +123,15 @@ CASES = [
     (["prep", "cache", "{nodata}", "--config", "{flux1_cfg}"], 2, "prep cache: {nodata}: not a dataset"),
     (["prep", "cache", "{nodata}", "--config", "{sd3_cfg}"], 2,
      f"prep cache: {{sd3_cfg}}: model.path {{sd3}} holds a model of family sd3, and sd3 (Stable Diffusion 3 / 3.5) "
-     f"{NOT_WIRED}; asymflow.families) but training, data prep and sampling are not wired"),
+     f"{NOT_WIRED}; asymflow.families) but training and data prep are not wired"),
     (["prep", "subspace", "{nodata}", "--config", "{qwen_cfg}"], 2,
      f"prep subspace: {{qwen_cfg}}: invalid `model:` section: model.family: qwen_image (Qwen-Image) {NOT_WIRED}"),
     (["prep", "cache", "{nodata}", "--config", "{dalle_cfg}"], 2, "model.family: unknown model family 'dalle'"),
-    (["sample", "{flux1}", "--prompt", "x"], 2, "{flux1} holds a model of family flux1, and flux1 (FLUX.1) is not "
-     "supported for sampling yet: its conversion is proven (seamless-init identity, adapter round trip; "
-     "asymflow.families) but sampling is not wired for it; the supported sampling family is flux2"),
+    # sampling is wired for every family, but a latent pipeline is not a pixel model (tests/orchestration/
+    # test_family_sample_cli.py: the other cases)
+    (["sample", "{flux1}", "--prompt", "x"], 2,
+     "{flux1} is a latent FLUX.1 diffusers pipeline, not an AsymFlow one: sample an adapter converted from it with "
+     "`asymflow sample ADAPTER --base {flux1}`"),
 ]
 
 
@@ -261,7 +263,8 @@ def test_sample_base_of_another_family_is_refused(files):
     from asymflow.components import BUNDLED_PATH
     from orchestration.sample_source import base_from_arg
 
-    with pytest.raises(ValueError, match=rf"--base {files['sd3']} holds a model of family sd3, and sd3 .* not wired"):
+    with pytest.raises(ValueError, match=rf"--base {files['sd3']} holds a model of family sd3 \(Stable Diffusion 3 / 3.5\), "
+                                         r"but SOURCE is a FLUX.2 model: its base must be a FLUX.2 klein directory"):
         base_from_arg(files["sd3"])
     assert base_from_arg(str(BUNDLED_PATH)).kind == "bundled"  # a FLUX.2 transformer/ stays accepted
 

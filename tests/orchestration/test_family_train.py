@@ -111,13 +111,13 @@ def test_family_run_resumes_bitwise_after_sigterm(family_data, ray_cluster, tmp_
     assert type(trained) is family.pixel_class()
     assert torch.equal(trained.x_embedder.weight, reference[0]["x_embedder.weight"])
 
-    # `train --dry-run` counts the family's pixel model; `asymflow sample` (FLUX.2's pipeline) refuses the run.
+    # `train --dry-run` counts the family's pixel model; `asymflow sample` resolves the run as the family's.
     from orchestration.dry_run import count_parameters
     from orchestration.sample_source import resolve_source
 
     assert count_parameters(cfg).total == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    with pytest.raises(ValueError, match=rf"trained a {family.name} model, and .* not supported for sampling yet"):
-        resolve_source(str(plain))
+    source = resolve_source(str(plain))
+    assert (source.kind, source.family, source.step) == ("run", family.name, STEPS)
 
 
 def test_preflight_refuses_another_familys_cache_subspace_or_guidance(family_data, dataset, tmp_path):
