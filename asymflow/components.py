@@ -21,7 +21,7 @@ FamilyName = Literal["flux2", "flux1", "sd3", "qwen_image", "sana"]
 TRAINING_FAMILY = "flux2"
 # Data prep (`prep cache`, `prep subspace`) is wired for these; it validates its `model:` section with
 # `context={"families": DATA_PREP_FAMILIES}` and calls `check_family(DATA_PREP_FAMILIES)`.
-DATA_PREP_FAMILIES: tuple[str, ...] = (TRAINING_FAMILY, "flux1")
+DATA_PREP_FAMILIES: tuple[str, ...] = (TRAINING_FAMILY, "flux1", "sd3", "qwen_image", "sana")
 
 
 def _family_names() -> str:
@@ -58,7 +58,7 @@ class BaseModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     family: FamilyName | None = Field(
         None, description="the latent model family; when omitted, read from a local model.path's model_index.json or "
-        "transformer/config.json (`detected_family`); only flux2 is wired for training and sampling, flux2 and flux1 "
+        "transformer/config.json (`detected_family`); only flux2 is wired for training and sampling, every family "
         "for data prep (prep cache, prep subspace)")
 
     @field_validator("family", mode="before")
@@ -104,6 +104,9 @@ class BaseModelConfig(BaseModel):
             detected = self.detected_family()
         except ValueError as exc:
             raise ValueError(f"model.path: {exc}") from None
+        if self.kind != "diffusers" and self.family not in (None, TRAINING_FAMILY):
+            raise ValueError(f"model.family {self.family!r} needs model.kind 'diffusers' and a model.path holding such a "
+                             f"model; model.kind {self.kind!r} is the built-in {TRAINING_FAMILY} model")
         if self.family is not None and detected is not None and detected != self.family:
             raise ValueError(f"model.family {self.family!r} contradicts model.path {self.path}, which holds a "
                              f"model of family {detected}; fix model.family or leave it out to use the detected family")
