@@ -134,7 +134,7 @@ def test_cache_holds_the_family_latents_and_fixed_shape_text(prepared, family) -
         assert torch.equal(x, negative[name][0] if name == spec.text_mask else negative[name][0].to(torch.bfloat16).float())
 
     # Latents: the keyed posterior sample (Sana: the deterministic encoding), normalised, patchified q×q
-    # channel-first on the p×p pixel patch grid.
+    # channel-first on the p×p pixel patch grid, [C·q², H/p, W/p].
     p, q = spec.pixel_patch, spec.latent_patch
     assert (p, spec.latent_dim) == GEOMETRY[family]
     if spec.latent_normalisation == "scale_shift":  # the released VAEs' factors (SD3 shifts too; DC-AE does not)
@@ -142,18 +142,26 @@ def test_cache_holds_the_family_latents_and_fixed_shape_text(prepared, family) -
     else:  # Qwen-Image: per-channel statistics of its VAE config
         assert len(vae.config.latents_mean) == len(vae.config.latents_std) == spec.latent_channels
     assert len({c["latents"].shape for c in cached}) > 1  # two aspect buckets
-    transformer = load_pipeline_components(paths["model"], ("transformer",))["transformer"]
-    for image, row, c in zip(images, rows, cached):
+    for row, c in zip(rows, cached):
         assert c["latents"].shape == (spec.latent_dim, row["height"] // p, row["width"] // p)
-        mode = family_latents(spec, vae, image[None])
-        torch.testing.assert_close(unnormalised(family, vae, mode), vae_encoding(family, vae, image[None]), rtol=1e-5,
-                                   atol=1e-5)
+    # Normalisation, on one image: undone as the pipeline undoes it, the VAE's own encoding.
+    mode = family_latents(spec, vae, images[0][None])
+    torch.testing.assert_close(unnormalised(family, vae, mode), vae_encoding(family, vae, images[0][None]), rtol=1e-5,
+                               atol=1e-5)
+    # Every sample, on the cache's batches (the CLI's VAE ran them on one thread, as here): bitwise the bf16 of
+    # the keyed sample (Sana: the encoding) patchified.
+    for batch in batches:
+        keys = [rows[i]["key"] for i in batch]
+        batch_images = torch.stack([images[i] for i in batch])
         if has_posterior(spec):
-            latent = family_latents(spec, vae, image[None], "sample", [posterior_seed(row["key"])])
-            assert (latent - mode).abs().max() > 1e-2  # a sample, not the mode
+            latent = family_latents(spec, vae, batch_images, "sample", [posterior_seed(k) for k in keys])
         else:
-            latent = mode
-        torch.testing.assert_close(c["latents"], patchify_grid(latent, q)[0], rtol=2**-8, atol=1e-6)
+            latent = family_latents(spec, vae, batch_images)
+        stored = torch.stack([cached[i]["latents"] for i in batch])
+        assert torch.equal(stored, patchify_grid(latent, q).to(torch.bfloat16).float()), keys
+    latent = latent[-1:]  # of the last batch's last image, batch[-1]
+    if has_posterior(spec):  # a sample, not the mode
+        assert (family_latents(spec, vae, images[batch[-1]][None]) - latent).abs().max() > 1e-2
     # The grid's tokens (pack) are the ones the latent transformer reads in: Qwen-Image's pipeline packs them so;
     # SD3's and Sana's conv patch embedding is a linear map on them.
     latent_grid = patchify_grid(latent, q)
@@ -162,6 +170,7 @@ def test_cache_holds_the_family_latents_and_fixed_shape_text(prepared, family) -
         pipeline = getattr(diffusers, spec.pipeline_classes[0])
         assert torch.equal(pack(latent_grid), pipeline._pack_latents(latent, 1, channels, height, width))
     else:
+        transformer = load_pipeline_components(paths["model"], ("transformer",))["transformer"]
         conv = transformer.get_submodule(spec.read_in.module)
         with torch.no_grad():
             embedded = conv(latent).flatten(2).transpose(1, 2)
