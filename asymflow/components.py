@@ -22,7 +22,7 @@ FamilyName = Literal["flux2", "flux1", "sd3", "qwen_image", "sana"]
 TRAINING_FAMILY = "flux2"
 # Data prep (`prep cache`, `prep subspace`) is wired for these; it validates its `model:` section with
 # `context={"families": DATA_PREP_FAMILIES}` and calls `check_family(DATA_PREP_FAMILIES)`.
-DATA_PREP_FAMILIES: tuple[str, ...] = (TRAINING_FAMILY, "flux1")
+DATA_PREP_FAMILIES: tuple[str, ...] = get_args(FamilyName)
 # `asymflow train` is wired for these (loader, objective, model build, checkpoint, export: generic over the family
 # registry). A family joins once its data prep exists (it is in DATA_PREP_FAMILIES) and its tiny run passes
 # tests/orchestration/test_family_train.py.
@@ -70,8 +70,8 @@ class BaseModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     family: FamilyName | None = Field(
         None, description="the latent model family; when omitted, read from a local model.path's model_index.json or "
-        "transformer/config.json (`detected_family`); training takes TRAINING_FAMILIES (flux2, flux1), data prep "
-        "DATA_PREP_FAMILIES, sampling flux2 only")
+        "transformer/config.json (`detected_family`); training takes TRAINING_FAMILIES, data prep and sampling every "
+        "family")
 
     @field_validator("family", mode="before")
     @classmethod
@@ -116,11 +116,11 @@ class BaseModelConfig(BaseModel):
             detected = self.detected_family()
         except ValueError as exc:
             raise ValueError(f"model.path: {exc}") from None
+        if self.kind != "diffusers" and self.family not in (None, TRAINING_FAMILY):
+            raise ValueError(f"model.family {self.family!r} contradicts model.kind {self.kind!r}, a {TRAINING_FAMILY} model "
+                             f"built in code or shipped with asymflow; use model.kind diffusers with a {self.family} "
+                             "pipeline directory as model.path")
         if self.family is not None and detected is not None and detected != self.family:
-            if self.kind != "diffusers":
-                raise ValueError(f"model.family {self.family!r} contradicts model.kind {self.kind!r}, a {detected} model "
-                                 f"built in code or shipped with asymflow; use model.kind diffusers with a {self.family}"
-                                 " pipeline directory as model.path")
             raise ValueError(f"model.family {self.family!r} contradicts model.path {self.path}, which holds a "
                              f"model of family {detected}; fix model.family or leave it out to use the detected family")
         family = self.family or detected or TRAINING_FAMILY

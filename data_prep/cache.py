@@ -15,12 +15,17 @@ Each member is safetensors bytes holding `latents` [128, H/16, W/16] (normalised
 once its tar and part were renamed into place and index.json lists it; reruns skip done shards.
 
 Other families (`DATA_PREP_FAMILIES`, issue 15): index.json adds "family" and "text_tensors", the names of the
-text tensors the family's transformer takes (`asymflow.families.encode_family_prompts`; FLUX.1:
-`encoder_hidden_states` [512, D] and `pooled_projections` [D_pooled]), all held by the sample's text member (and
-by negative.safetensors); `latents` is the family's normalised latent image patchified channel-first on the pixel
-patch grid, [C_lat·q², H/p, W/p] (FLUX.1: [64, H/16, W/16]; `pack` gives FluxPipeline's packed tokens), drawn from
-the posterior with the same keyed seeds. FLUX.2 caches carry neither field (their bytes are unchanged), so a cache
-without them is a FLUX.2 cache.
+text tensors the family's transformer takes (`ModelFamily.text_inputs`, as `asymflow.families.encode_family_prompts`
+names them), all held by the sample's text member, each of one fixed shape for every sample
+(`asymflow.families.fixed_text`): FLUX.1 and SD3 `encoder_hidden_states` [512 | 77+256, D] and `pooled_projections`
+[D_pooled]; Qwen-Image `encoder_hidden_states` [max_sequence_length, D] zero-padded with its
+`encoder_hidden_states_mask`, always stored; Sana `encoder_hidden_states` [300, D] and `encoder_attention_mask`.
+Masks are stored exactly, as int64 (bf16/fp8 apply to floating tensors only). negative.safetensors holds the same
+names and shapes: the empty prompt as the pipeline encodes negative prompts. `latents` is the family's normalised
+latent image patchified channel-first on the pixel patch grid, [C_lat·q², H/p, W/p] (FLUX.1, SD3, Qwen-Image:
+[64, H/16, W/16]; Sana: [32, H/32, W/32]; `pack` gives FluxPipeline's packed tokens), drawn from the posterior
+with the same keyed seeds; Sana's DC-AE is deterministic, so its cache holds the encoding (latent_posterior "mode").
+FLUX.2 caches carry neither field (their bytes are unchanged), so a cache without them is a FLUX.2 cache.
 
 Text form: "raw" stores the stacked text-encoder states (D = joint_attention_dim, 12288 at klein 9B); "projected"
 stores the base transformer's frozen `context_embedder` applied to them (D = inner_dim, 4096 at 9B: 1/3 of the
@@ -117,7 +122,10 @@ def _stored(name: str, x: torch.Tensor, dtype: CacheDtype) -> dict[str, torch.Te
     """The stored form of one tensor: bf16, or fp8 e4m3 with an fp32 per-tensor scale `{name}_scale`.
 
     fp8 follows spec §7: scale = max(|x|)/448 (≥ 1e-6), stored value = x/scale, dequantise by multiplying.
+    Integer tensors (a family's attention masks) are stored exactly, in their own dtype, whatever `dtype` says.
     """
+    if not (x.is_floating_point() or x.is_complex()):
+        return {name: x.detach().to("cpu").contiguous()}
     x = x.detach().to("cpu", torch.float32).contiguous()
     if dtype == "bf16":
         return {name: x.to(torch.bfloat16)}
@@ -143,11 +151,13 @@ def tensor_to_bytes(name: str, x: torch.Tensor, dtype: CacheDtype) -> bytes:
 
 
 def bytes_to_tensor(data: bytes, name: str) -> torch.Tensor:
-    """Inverse of `tensor_to_bytes`: the stored tensor, dequantised, in fp32; an integer tensor (a text mask) keeps its
-    dtype."""
+    """Inverse of `tensor_to_bytes`: the stored tensor, dequantised, in fp32 (an integer tensor, a mask, as stored)."""
     tensors = st_load(data)
     if name not in tensors:
         raise KeyError(f"tensor {name!r} missing (found {sorted(tensors)})")
+    if not tensors[name].is_floating_point():
+        return tensors[name]
+    x = tensors[name].to(torch.float32)
     scale = tensors.get(f"{name}_scale")
     if scale is None and not tensors[name].is_floating_point():
         return tensors[name]
@@ -156,7 +166,7 @@ def bytes_to_tensor(data: bytes, name: str) -> torch.Tensor:
 
 
 def bytes_to_tensors(data: bytes, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Inverse of `tensors_to_bytes` for the tensors `names`: each dequantised, in fp32."""
+    """Inverse of `tensors_to_bytes` for the tensors `names`: each dequantised, in fp32 (masks as stored)."""
     return {name: bytes_to_tensor(data, name) for name in names}
 
 
@@ -315,6 +325,10 @@ class _Encoder:
         # From the states as a raw bf16 cache holds them and the loader ships them: what a raw run projects itself.
         return project_text(self.context_embedder, raw.to(torch.bfloat16)).float()
 
+    def negative(self) -> torch.Tensor:
+        """The empty prompt's embedding (negative.safetensors): FLUX.2 encodes it as a prompt."""
+        return self.text([""])
+
     def latents(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         seeds = [posterior_seed(key) for key in keys] if self.posterior == "sample" else None
         return encode_latents(self.vae, images.to(self.device), self.posterior, seeds).float()
@@ -322,8 +336,9 @@ class _Encoder:
 
 class _FamilyEncoder:
     """Another family's VAE and text encoders, loaded by the pipeline directory's model_index.json: keyed posterior
-    draws of `asymflow.families.fit.family_latents` patchified on the pixel patch grid, and the named text tensors of
-    `asymflow.families.encode_family_prompts` (the pipeline's own encoding)."""
+    draws (or a deterministic VAE's encoding) of `asymflow.families.fit.family_latents` patchified on the pixel patch
+    grid, and the named text tensors of `asymflow.families.encode_family_prompts` (the pipeline's own encoding) in
+    the fixed shape of `asymflow.families.fixed_text.fixed_length_text`."""
 
     def __init__(self, cfg: BaseModelConfig, family: str, dtype: CacheDtype, device: str, posterior: Posterior,
                  max_sequence_length: int):
@@ -336,12 +351,20 @@ class _FamilyEncoder:
         self.vae = parts.pop("vae").to(self.device)
         self.text_components = {k: v.to(self.device) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
 
-    def text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def text(self, prompts: list[str], negative: bool = False) -> dict[str, torch.Tensor]:
         from asymflow.families import encode_family_prompts
+        from asymflow.families.fixed_text import fixed_length_text
 
-        encoded = encode_family_prompts(self.family.name, self.text_components, prompts,
+        encoded = encode_family_prompts(self.family.name, self.text_components, prompts, negative=negative,
                                         max_sequence_length=self.max_sequence_length)
-        return {name: x.float() for name, x in encoded.items()}
+        fixed = fixed_length_text(self.family, encoded, self.max_sequence_length)
+        return {name: x.float() if x.is_floating_point() else x for name, x in fixed.items()}
+
+    def negative(self) -> dict[str, torch.Tensor]:
+        """The empty prompt encoded as the pipeline encodes negative prompts (its unconditional input for CFG; Sana:
+        without the complex human instruction), in the samples' shapes: caption dropout trains on what sampling
+        feeds the unconditional branch."""
+        return self.text([""], negative=True)
 
     def latents(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         from asymflow.families.fit import family_latents
@@ -353,9 +376,11 @@ class _FamilyEncoder:
 
 
 def family_text_tensors(family: str) -> tuple[str, ...]:
-    """The text tensors a family's cache holds: `text_embeds` for FLUX.2, else encode_family_prompts' names (always
-    present for FLUX.1; a family with optional ones, e.g. masks, is not wired yet)."""
-    return {"flux1": ("encoder_hidden_states", "pooled_projections")}.get(family, (TEXT_NAME,))
+    """The text tensors a family's cache holds: `text_embeds` for FLUX.2, else the family's `text_inputs` (the names
+    encode_family_prompts gives them, the mask always stored)."""
+    from asymflow.families import get_family
+
+    return (TEXT_NAME,) if family == TRAINING_FAMILY else get_family(family).text_inputs
 
 
 def _text_member(text: torch.Tensor | Mapping[str, torch.Tensor], j: int, dtype: CacheDtype) -> bytes:
@@ -421,7 +446,8 @@ def build_cache(
     Latents are posterior samples by default (spec §7), each seeded from its sample key, so reruns, resumes and any
     batch size give the same bytes; `latent_posterior="mode"` caches the posterior mean instead.
     `text_form="projected"` stores the frozen context_embedder's output instead of the raw states (module docstring).
-    A model of another data-prep family (FLUX.1) caches that family's latents and named text tensors (module docstring).
+    A model of another data-prep family (FLUX.1, SD3, Qwen-Image, Sana) caches that family's latents and named text
+    tensors (module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -440,6 +466,7 @@ def build_cache(
         identity = CacheIdentity.of(cfg, dtype, manifest_hash(manifest), latent_posterior, text_form,
                                     None if context_embedder is None else context_embedder_fingerprint(context_embedder))
     else:
+        latent_posterior = _family_posterior(family, latent_posterior)
         identity = CacheIdentity.of_family(cfg, family, family_text_tensors(family), _text_length(cfg, family), dtype,
                                            manifest_hash(manifest), latent_posterior)
     cache_dir = join(data_dir, CACHE_DIR)
@@ -475,7 +502,7 @@ def build_cache(
         encoder: _Encoder | _FamilyEncoder = _Encoder(cfg, dtype, device, latent_posterior, context_embedder)
     else:
         encoder = _FamilyEncoder(cfg, family, dtype, device, latent_posterior, identity.max_sequence_length)
-    put_atomic(join(cache_dir, NEGATIVE_FILE), _text_member(encoder.text([""]), 0, dtype))
+    put_atomic(join(cache_dir, NEGATIVE_FILE), _text_member(encoder.negative(), 0, dtype))
 
     rows_by_shard: dict[str, list[dict[str, Any]]] = {n: [] for n in shard_names}
     for row in load_sample_table(data_dir).select(["key", "shard", "index", "bucket", "offset", "size"]).to_pylist():
@@ -502,9 +529,22 @@ def build_cache(
     return summary
 
 
+def _family_posterior(family: str, requested: Posterior) -> Posterior:
+    """The latent a family's cache holds: the requested posterior draw, or for a deterministic VAE (Sana's DC-AE:
+    no distribution to sample) its one encoding, recorded as "mode"."""
+    from asymflow.families import get_family
+    from asymflow.families.fit import has_posterior
+
+    if requested == "sample" and not has_posterior(get_family(family)):
+        log.info("%s's VAE is deterministic: caching its encoding (latent_posterior 'mode')", family)
+        return "mode"
+    return requested
+
+
 def _text_length(cfg: BaseModelConfig, family: str) -> int:
     """The text length a family's cache encodes to: model.max_sequence_length when the config sets it, else the
-    family pipeline's default (FluxPipeline: 512 T5 tokens), read from encode_family_prompts' encoder."""
+    family pipeline's default (FluxPipeline and QwenImagePipeline: 512, SD3: 256 T5 tokens after 77 CLIP ones, Sana:
+    300), read from encode_family_prompts' encoder."""
     if "max_sequence_length" in cfg.model_fields_set:
         return cfg.max_sequence_length
     import inspect

@@ -60,8 +60,9 @@ def fit_subspace(
     """Fit B (and s) on `num_images` shuffled samples and write the artifact; returns (artifact, path written).
 
     Corrupt samples are skipped (logged and counted) and replaced by the next ones in the shuffled order.
-    A model of another data-prep family (FLUX.1) is fitted with its token geometry (pixel patch p, latent width
-    C_lat·q², tokens channel-first as `asymflow.families.fit`) from its cache; the artifact records the family.
+    A model of another data-prep family (FLUX.1, SD3, Qwen-Image, Sana) is fitted with its token geometry (pixel
+    patch p, latent width C_lat·q², tokens channel-first as `asymflow.families.fit`) from its cache; the artifact
+    records the family.
     """
     from tqdm.auto import tqdm
 

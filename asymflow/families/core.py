@@ -62,6 +62,7 @@ class ModelFamily:
     "t1000" (t = 1000·σ). `latent_normalisation`: "scale_shift" ((z − shift)·scaling, the VAE config's factors),
     "mean_std" ((z − latents_mean)/latents_std per channel, from the VAE config) or "batch_norm" (FLUX.2's
     statistics on 2×2-packed latents). `latent_config`: the values the latent transformer's config must hold.
+    `text_inputs` / `text_mask`: the text conditioning's tensor names (see the fields).
     """
 
     name: str
@@ -83,6 +84,11 @@ class ModelFamily:
     full_modules: tuple[str, ...]  # trained in full next to a LoRA (spec §9): the patch read-in/out and norm_out
     lora_targets: tuple[str, ...]  # PEFT full-match regexes of the LoRA-adapted Linear layers (any block count)
     sampler: SamplerDefaults | None = None  # families.sampling's defaults (FLUX.2 samples with asymflow.pipeline)
+    # The transformer's text keyword arguments as `encode_family_prompts` names them, the mask included even where
+    # the pipeline may omit it (what a `prep cache` stores per sample); `text_mask`: which of them is the attention
+    # mask over encoder_hidden_states' tokens, for families whose text length varies (None: a fixed length).
+    text_inputs: tuple[str, ...] = ("encoder_hidden_states",)
+    text_mask: str | None = None
 
     @property
     def pixel_patch(self) -> int:

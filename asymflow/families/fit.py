@@ -14,6 +14,15 @@ from asymflow.subspace import ProcrustesFit
 from .core import ModelFamily
 
 
+# VAE classes with a deterministic encoder (diffusers' EncoderOutput.latent, no latent_dist): Sana's DC-AE.
+DETERMINISTIC_VAES = ("AutoencoderDC",)
+
+
+def has_posterior(family: ModelFamily) -> bool:
+    """Whether the family's VAE encodes to a distribution (a posterior to sample), not one deterministic latent."""
+    return family.vae_class not in DETERMINISTIC_VAES
+
+
 def _draw(dist, posterior: Posterior, seeds: Sequence[int] | None, frame: bool = False) -> torch.Tensor:
     """The posterior mean, or mean + std·n with n keyed per image by `seeds` (asymflow.latents.posterior_noise, as
     FLUX.2's cache draws); `frame`: the [B,C,T=1,H,W] video latents of Qwen-Image's VAE, frame 0 taken first."""
@@ -43,7 +52,7 @@ def family_latents(family: ModelFamily, vae, images: torch.Tensor, posterior: Po
         if hasattr(encoded, "latent_dist"):
             latents = _draw(encoded.latent_dist, posterior, seeds)
         elif posterior == "mode":
-            latents = encoded.latent  # DC-AE: a deterministic encoder, no distribution
+            latents = encoded.latent  # DC-AE: a deterministic encoder, no distribution (DETERMINISTIC_VAES)
         else:
             raise ValueError(f"{family.name}'s VAE ({family.vae_class}) has no posterior to sample")
         return (latents - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor

@@ -36,6 +36,7 @@ FLUX1 = ModelFamily(
         embedded_guidance=3.5,
         source="diffusers/pipelines/flux/pipeline_flux.py",
     ),
+    text_inputs=("encoder_hidden_states", "pooled_projections"),
     lora_targets=(
         r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
         r"transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)",

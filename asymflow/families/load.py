@@ -56,17 +56,25 @@ def load_pipeline_components(path: str | Path, names: Sequence[str], dtype: torc
 
 
 def save_tiny_family_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
-    """A tiny random FLUX.1 pipeline directory (FluxPipeline.save_pretrained: model_index.json, transformer/, vae/,
-    text_encoder/ (CLIP), text_encoder_2/ (T5), both tokenizers, scheduler/) built from the in-code tiny parts."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    """A tiny random pipeline directory of `family` (its diffusers pipeline's save_pretrained: model_index.json,
+    transformer/, vae/, the text encoders and tokenizers under the pipeline's names, scheduler/) built from the in-code
+    tiny parts: FluxPipeline (flux1), StableDiffusion3Pipeline (sd3: CLIP-L, CLIP-G, T5), QwenImagePipeline
+    (qwen_image: Qwen2.5-VL, its video VAE) or SanaPipeline (sana: Gemma-2, the 32× DC-AE)."""
+    import diffusers
 
-    from .tiny import build_tiny_family_transformer, build_tiny_family_vae
+    from .registry import get_family
+    from .tiny import TINY_TRANSFORMER_CONFIGS, build_tiny_family_transformer, build_tiny_family_vae
     from .tiny_text import build_tiny_text_components
 
-    if family != "flux1":
-        raise ValueError(f"no tiny pipeline directory for family {family!r}; have flux1")
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=build_tiny_family_vae(family, seed),
-                        transformer=build_tiny_family_transformer(family, seed),
-                        **build_tiny_text_components(family, seed))
+    if family not in TINY_TRANSFORMER_CONFIGS:
+        raise ValueError(f"no tiny pipeline directory for family {family!r}; have {', '.join(TINY_TRANSFORMER_CONFIGS)}")
+    if family == "sana":  # SanaPipeline's scheduler: DPM-Solver++ on flow sigmas (the released config's values)
+        scheduler = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                          flow_shift=3.0)
+    else:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    pipeline = getattr(diffusers, get_family(family).pipeline_classes[0])
+    pipe = pipeline(scheduler=scheduler, vae=build_tiny_family_vae(family, seed),
+                    transformer=build_tiny_family_transformer(family, seed), **build_tiny_text_components(family, seed))
     pipe.save_pretrained(str(path))
     return Path(path)

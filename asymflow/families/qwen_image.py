@@ -38,6 +38,8 @@ QWEN_IMAGE = ModelFamily(
         cfg_renorm=True,
         source="diffusers/pipelines/qwenimage/pipeline_qwenimage.py",
     ),
+    text_inputs=("encoder_hidden_states", "encoder_hidden_states_mask"),
+    text_mask="encoder_hidden_states_mask",
     lora_targets=(
         r"transformer_blocks\.\d+\.img_mlp\.net\.(0\.proj|2)",
         r"transformer_blocks\.\d+\.txt_mlp\.net\.(0\.proj|2)",

@@ -27,6 +27,8 @@ SANA = ModelFamily(
     # DPM-Solver++ with flow_shift 3: its σ grid here, integrated with Euler (families.sampling)
     sampler=SamplerDefaults(steps=20, cfg_scale=4.5, shift=3.0, grid="dpm_flow",
                             source="diffusers/pipelines/sana/pipeline_sana.py"),
+    text_inputs=("encoder_hidden_states", "encoder_attention_mask"),
+    text_mask="encoder_attention_mask",
     lora_targets=(
         r"transformer_blocks\.\d+\.ff\.conv_(inverted|point)",
         r"time_embed\.emb\.timestep_embedder\.linear_[12]",

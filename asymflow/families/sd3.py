@@ -28,6 +28,7 @@ SD3 = ModelFamily(
     # static shift 3
     sampler=SamplerDefaults(steps=28, cfg_scale=7.0, shift=3.0, grid="train_range",
                             source="diffusers/pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py"),
+    text_inputs=("encoder_hidden_states", "pooled_projections"),
     lora_targets=(
         r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
         r"transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)",

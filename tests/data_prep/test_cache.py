@@ -25,8 +25,14 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+# For run_cli(..., env=ONE_THREAD): torch in the CLI on one intra-op thread, as the test process runs it (conftest),
+# so the CLI's VAE computes bitwise what an in-process reference computes (thread counts change conv rounding), and
+# the tiny models run faster.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     cmd = [sys.executable, "-m", "orchestration.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
