@@ -22,13 +22,19 @@ class ParamCounts:
     total: int  # the converted pixel model
     trainable: int
     full_modules: int  # fully trained modules (the tied teacher keeps frozen copies of these)
-    layers: int  # transformer blocks (double + single)
+    layers: int  # transformer blocks (double + single): each one checkpointed
     width: int  # hidden size d
+    patch: int = 16  # pixel patch p: one image token per p×p pixels
+    text_in_blocks: bool = True  # the text tokens travel through the blocks with the image tokens (joint attention)
+    buffers: int = 0  # module buffers of the model (SD3's positional table): whole on every rank, not partitioned
 
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
     """Parameter counts of the run's pixel model and trainable set, from the latent base's config on the meta
     device (a klein-sized model costs no memory): converting changes only x_embedder/proj_out's token width."""
+    family = family_of(cfg)
+    if family != "flux2":
+        return count_family_parameters(family, _family_pixel_on_meta(cfg, family), cfg.trainable)
     return count_model_parameters(_latent_on_meta(cfg), cfg.trainable)
 
 
@@ -50,6 +56,50 @@ def count_model_parameters(latent: torch.nn.Module, trainable_cfg: TrainableSect
     return ParamCounts(total, trainable, full, layers, d)
 
 
+def family_of(cfg: RunConfig) -> str:
+    """The run's model family: model.family, else detected from model.path (flux2 when nothing says otherwise)."""
+    from asymflow.components import TRAINING_FAMILY
+
+    return cfg.model.family or cfg.model.detected_family() or TRAINING_FAMILY
+
+
+def count_family_parameters(family: str, pixel: torch.nn.Module, trainable_cfg: TrainableSection) -> ParamCounts:
+    """`count_parameters` for a non-FLUX.2 family, from its converted pixel model (on the meta device; modified:
+    the trainable set is applied to it): the checkpointed blocks are the top-level `*transformer_blocks` lists, the
+    width d the read-in's output features, buffers all but the fp32 B and s (`asymflow.families.pixel`)."""
+    from asymflow.families import get_family
+    from asymflow.families.pixel import FP32_BUFFERS
+    from asymflow.trainable import apply_trainable
+
+    spec = get_family(family)
+    total = sum(p.numel() for p in pixel.parameters())
+    buffers = sum(b.numel() for name, b in pixel.named_buffers() if name not in FP32_BUFFERS)
+    width = pixel.get_submodule(spec.read_in.module).weight.shape[0]
+    layers = sum(len(m) for name, m in pixel.named_children()
+                 if isinstance(m, torch.nn.ModuleList) and name.endswith("transformer_blocks"))
+    with torch.device("meta"):
+        apply_trainable(pixel, trainable_cfg.mode, trainable_cfg.lora, trainable_cfg.full_modules)
+    trainable = sum(p.numel() for p in pixel.parameters() if p.requires_grad)
+    full = sum(p.numel() for name, p in pixel.named_parameters()
+               if p.requires_grad and "lora_" not in name) if trainable_cfg.mode == "lora" else total
+    return ParamCounts(total, trainable, full, layers, width, spec.pixel_patch, spec.text_stream == "joint", buffers)
+
+
+def stream_text_tokens(family: str, max_sequence_length: int) -> int:
+    """Text tokens per sample the family's pipeline makes of `max_sequence_length` (SD3: + the 77 CLIP tokens)."""
+    from asymflow.families import get_family
+
+    return max_sequence_length + get_family(family).extra_text_tokens
+
+
+def _family_pixel_on_meta(cfg: RunConfig, family: str) -> torch.nn.Module:
+    from asymflow.families import get_family
+    from asymflow.families.released import build_pixel_from_latent_config
+
+    config = get_family(family).transformer_type().load_config(cfg.model.path, subfolder="transformer")
+    return build_pixel_from_latent_config(family, config)
+
+
 def _latent_on_meta(cfg: RunConfig) -> torch.nn.Module:
     from diffusers import Flux2Transformer2DModel
 
@@ -69,14 +119,14 @@ def state_bytes_per_rank(p: ParamCounts, world: int, gpu: bool, teacher: str,
     """ZeRO-3 model states per rank (SCALING.md): every parameter partitioned in the compute dtype, plus gradient,
     fp32 master and Adam m, v of the trainable ones; the teacher's frozen copies (tied: the fully trained modules;
     copy: the whole model) are not partitioned; `frozen_params` replicated keeps the frozen parameters whole on
-    every rank (orchestration/frozen_params.py). GPU: bf16 (2 B); CPU: fp32 (4 B)."""
+    every rank (orchestration/frozen_params.py); module buffers are never partitioned. GPU: bf16 (2 B); CPU: fp32."""
     b = 2 if gpu else 4
     per_trainable = b + 4 + 8 if gpu else 4 + 4 + 8  # grad + fp32 master + Adam (CPU: the fp32 param is the master)
     teacher_bytes = b * (p.full_modules if teacher == "tied" else p.total)
     frozen = p.total - p.trainable
     if frozen_params == "replicated":
-        return b * frozen + (b + per_trainable) * p.trainable / world + teacher_bytes
-    return (b * p.total + per_trainable * p.trainable) / world + teacher_bytes
+        return b * frozen + (b + per_trainable) * p.trainable / world + teacher_bytes + b * p.buffers
+    return (b * p.total + per_trainable * p.trainable) / world + teacher_bytes + b * p.buffers
 
 
 def gathered_bytes(p: ParamCounts, gpu: bool, frozen_params: str = "partitioned") -> float:
@@ -141,14 +191,29 @@ def predict_memory(p: ParamCounts, *, world: int, gpu: bool, teacher: str, froze
     )
 
 
+def predict_run_memory(p: ParamCounts, cfg_model, trainable: TrainableSection, train, perceptual, family: str,
+                       height: int, width: int) -> MemoryPrediction:
+    """`predict_memory` with a run's own settings (its model, trainable, train and perceptual sections; the
+    sections alone, so configs of families training does not accept yet are predicted too) at a height×width bucket."""
+    return predict_memory(p, world=train.workers, gpu=train.use_gpu, teacher=trainable.teacher_kind(),
+                          frozen_params=trainable.frozen_params, micro_batch=train.micro_batch, height=height,
+                          width=width, text_tokens=stream_text_tokens(family, cfg_model.max_sequence_length),
+                          checkpointing=train.activation_checkpointing, lpips=perceptual.kind == "lpips")
+
+
 def activation_bytes_per_sample(p: ParamCounts, height: int, width: int, text_tokens: int, gpu: bool,
                                 checkpointing: bool) -> float:
     """Activations of one sample (SCALING.md): with checkpointing, each block's input (L·T·d) plus one block's
-    recompute transient (≈ 20·T·d); without, ≈ 20·T·d per block; plus the fp32 image-space AsymFlow algebra."""
+    recompute transient (≈ 20·T·d); without, ≈ 20·T·d per block; plus the fp32 image-space AsymFlow algebra.
+    T = image tokens (H/p·W/p) + text tokens where the text travels through the blocks (joint attention); where it
+    is a cross-attention input (Sana) T is the image tokens and the text (text_tokens·d) is kept once.
+    RECOMPUTE_TRANSIENT is FLUX.2's estimate (SwiGLU 3× MLP), applied unchanged to the other families: approximate."""
     b = 2 if gpu else 4
-    tokens = (height // 16) * (width // 16) + text_tokens
+    image = (height // p.patch) * (width // p.patch)
+    tokens = image + text_tokens if p.text_in_blocks else image
     blocks = (p.layers + RECOMPUTE_TRANSIENT) if checkpointing else RECOMPUTE_TRANSIENT * p.layers
-    return blocks * tokens * p.width * b + IMAGE_ALGEBRA_TENSORS * 3 * height * width * 4
+    shared_text = 0 if p.text_in_blocks else text_tokens * p.width * b
+    return blocks * tokens * p.width * b + shared_text + IMAGE_ALGEBRA_TENSORS * 3 * height * width * 4
 
 
 def _size(n: float) -> str:
@@ -178,10 +243,7 @@ def dry_run_report(cfg: RunConfig) -> str:
     saves = sorted({s for s in range(c.every, t.steps + 1, c.every)} | {t.steps})
     restore = ckpt.find_restore_point(cfg.run_dir)
     p = count_parameters(cfg)
-    m = predict_memory(p, world=t.workers, gpu=t.use_gpu, teacher=cfg.trainable.teacher_kind(),
-                       frozen_params=cfg.trainable.frozen_params, micro_batch=t.micro_batch, height=height,
-                       width=width, text_tokens=cfg.model.max_sequence_length,
-                       checkpointing=t.activation_checkpointing, lpips=cfg.perceptual.kind == "lpips")
+    m = predict_run_memory(p, cfg.model, cfg.trainable, t, cfg.perceptual, family_of(cfg), height, width)
     device = "GPU, bf16" if t.use_gpu else "CPU, fp32"
     lines = [
         "# dry run: nothing was started. Resolved config:",

@@ -83,6 +83,12 @@ class ModelFamily:
     full_modules: tuple[str, ...]  # trained in full next to a LoRA (spec §9): the patch read-in/out and norm_out
     lora_targets: tuple[str, ...]  # PEFT full-match regexes of the LoRA-adapted Linear layers (any block count)
     sampler: SamplerDefaults | None = None  # families.sampling's defaults (FLUX.2 samples with asymflow.pipeline)
+    # How the text reaches the blocks (the dry run's activation model): "joint", text tokens travel with the image
+    # tokens through every block (MM-DiT: FLUX, SD3, Qwen-Image); "cross", the blocks' stream is the image tokens only
+    # and the text is one shared cross-attention input (Sana). `extra_text_tokens`: tokens the pipeline puts in the
+    # stream besides the max_sequence_length text tokens (SD3: the 77 CLIP tokens concatenated before T5's).
+    text_stream: Literal["joint", "cross"] = "joint"
+    extra_text_tokens: int = 0
 
     @property
     def pixel_patch(self) -> int:

@@ -1,0 +1,90 @@
+"""The example configs of the other families' released checkpoints (configs/<checkpoint>.yaml): their memory comment
+is `predict_memory`'s figure for their own settings (so it cannot go stale), their trainable set is the family's,
+docs/SCALING.md's per-family table is bench/memory_table.py's output, and the family-aware memory model counts what
+the closed forms say (LoRA on FLUX.1-dev's names; Sana's text outside the blocks)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from asymflow.families import get_family
+from asymflow.families.released import RELEASED
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def table():
+    """bench/memory_table.py loaded once, so its meta-built counts are shared by this module's tests."""
+    spec = importlib.util.spec_from_file_location("memory_table", REPO / "bench" / "memory_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_config_comment_is_the_prediction(table, name):
+    assert table.config_section(name) == table.config_comment(name), (
+        f"configs/{name}.yaml's memory comment is stale: run .venv/bin/python bench/memory_table.py --write")
+    family = get_family(RELEASED[name].family)
+    sections = table.family_sections(name)  # the model section validates with every family allowed
+    assert sections["model"].family == family.name
+    assert sections["trainable"].lora.targets == family.lora_targets
+    assert sections["trainable"].full_modules == family.full_modules
+    assert sections["train"].use_gpu and sections["train"].global_batch == 256
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    assert raw["objective"]["patch_size"] == family.pixel_patch and raw["subspace"]["rank"] == family.latent_dim
+
+
+def test_scaling_md_family_table_is_the_scripts_output(table):
+    assert table.family_document_section() == table.family_markdown(table.family_predictions()), (
+        "docs/SCALING.md's family memory table is stale: run .venv/bin/python bench/memory_table.py --write")
+
+
+def test_flux1_dev_counts_match_the_closed_form(table, tmp_path):
+    """count_parameters of a FLUX.1-dev directory (its transformer/config.json) = the closed form of the recipe's
+    LoRA (rank r = 256) on FLUX.1's names and the fully trained modules, from the config's dimensions (d = 3072,
+    FLUX.1's MLPs are 4d wide, its single blocks' proj_out reads attention ‖ MLP = 5d):
+      LoRA = r·[ L·2·((d + 4d) + (4d + d))   ff and ff_context of the double blocks: net.0.proj, net.2
+               + S·(5d + d)                  single blocks' proj_out
+               + (256 + d) + (d + d) ]       timestep embedder linear_1, linear_2
+      full = (768·d + d) + (d·768 + 768) + (d·2d + 2d)   x_embedder, proj_out, norm_out.linear"""
+    from asymflow.components import BaseModelConfig
+    from asymflow.families import FAMILIES
+    from orchestration.dry_run import count_parameters
+
+    config = RELEASED["flux1-dev"].config
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "FluxTransformer2DModel", **config}))
+    sections = table.family_sections("flux1-dev")
+    model = BaseModelConfig.model_validate({"kind": "diffusers", "path": str(tmp_path)},
+                                           context={"families": tuple(FAMILIES)})
+    p = count_parameters(SimpleNamespace(model=model, trainable=sections["trainable"]))  # family detected
+
+    d, r, L, S = 3072, 256, config["num_layers"], config["num_single_layers"]
+    lora = r * (L * 2 * ((d + 4 * d) + (4 * d + d)) + S * (5 * d + d) + (256 + d) + (d + d))
+    full = (768 * d + d) + (d * 768 + 768) + (d * 2 * d + 2 * d)
+    assert (p.trainable - p.full_modules, p.full_modules) == (lora, full)
+    assert (p.layers, p.width, p.patch, p.text_in_blocks, p.buffers) == (L + S, d, 16, True, 0)
+    assert p == table._family_counts("flux1-dev", sections["trainable"])  # the table counts the same model
+
+
+def test_cross_attention_text_is_kept_once(table):
+    """Sana: T = image tokens only (1024² / 32² = 1024), its 300 text tokens kept once (not per block); SD3: the
+    77 CLIP tokens join the 256 T5 tokens in every block."""
+    from orchestration.dry_run import (IMAGE_ALGEBRA_TENSORS, RECOMPUTE_TRANSIENT, activation_bytes_per_sample,
+                                       stream_text_tokens)
+
+    p = table.family_prediction("sana-1600m")[0]
+    assert (p.layers, p.width, p.patch, p.text_in_blocks) == (20, 2240, 32, False)
+    image = 1024 * 1024 // 32**2
+    expected = (20 + RECOMPUTE_TRANSIENT) * image * 2240 * 2 + 300 * 2240 * 2 + IMAGE_ALGEBRA_TENSORS * 3 * 1024**2 * 4
+    assert activation_bytes_per_sample(p, 1024, 1024, stream_text_tokens("sana", 300), True, True) == expected
+    assert stream_text_tokens("sd3", 256) == 77 + 256 and stream_text_tokens("flux1", 512) == 512
