@@ -12,6 +12,19 @@ from orchestration.config import RunConfig, TrainableSection
 PIXEL_TOKEN = 768  # 3 Oklab channels × 16² pixels: the converted model's x_embedder input / proj_out output
 IMAGE_ALGEBRA_TENSORS = 20  # fp32 image-space tensors of one AsymFlow step (SCALING.md: x_0, x_t, twins, targets, …)
 RECOMPUTE_TRANSIENT = 20  # T·d values alive while one checkpointed block is recomputed (q, k, v, MLP in/out, …)
+# The recompute transient of other blocks than FLUX.2's, relative to FLUX.2's largest: measured on tiny instances of
+# the real classes (bench/block_transient.py: bytes autograd saves inside each block in a bf16 LoRA training forward
+# over T·d; tests/orchestration/test_family_configs.py re-measures them). A model's transient is RECOMPUTE_TRANSIENT
+# × the scale of its largest block. FLUX.2 itself keeps RECOMPUTE_TRANSIENT (its blocks measure 30.2 and 29.1 T·d:
+# the estimate is that much lower, see docs/SCALING.md); a kind missing here counts as FLUX.2's (scale 1).
+TRANSIENT_SCALE: dict[str, float] = {
+    "Flux2TransformerBlock": 1.0, "Flux2SingleTransformerBlock": 0.96,
+    "FluxTransformerBlock": 0.9, "FluxSingleTransformerBlock": 0.83,
+    "JointTransformerBlock": 1.04, "JointTransformerBlock+dual_attention": 1.38,
+    "JointTransformerBlock+context_pre_only": 0.99,
+    "QwenImageTransformerBlock": 1.03,
+    "SanaTransformerBlock": 1.6,
+}
 GATHERED_BLOCKS = 2  # ZeRO-3 holds about this many blocks' gathered parameters at once (the current and the next)
 GPU_CONTEXT_BYTES = 3e9  # assumption: CUDA context, NCCL buffers and allocator slack per GPU (not measured here)
 LPIPS_TAP_TENSORS = 2  # per LPIPS tap of the prediction: the normalised difference and its square
@@ -27,6 +40,7 @@ class ParamCounts:
     patch: int = 16  # pixel patch p: one image token per p×p pixels
     text_in_blocks: bool = True  # the text tokens travel through the blocks with the image tokens (joint attention)
     buffers: int = 0  # module buffers of the model (SD3's positional table): whole on every rank, not partitioned
+    transient: float = RECOMPUTE_TRANSIENT  # T·d values one block holds while recomputed (its largest block)
 
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
@@ -75,14 +89,26 @@ def count_family_parameters(family: str, pixel: torch.nn.Module, trainable_cfg: 
     total = sum(p.numel() for p in pixel.parameters())
     buffers = sum(b.numel() for name, b in pixel.named_buffers() if name not in FP32_BUFFERS)
     width = pixel.get_submodule(spec.read_in.module).weight.shape[0]
-    layers = sum(len(m) for name, m in pixel.named_children()
-                 if isinstance(m, torch.nn.ModuleList) and name.endswith("transformer_blocks"))
+    blocks = [block for name, m in pixel.named_children()
+              if isinstance(m, torch.nn.ModuleList) and name.endswith("transformer_blocks") for block in m]
+    transient = RECOMPUTE_TRANSIENT * max(TRANSIENT_SCALE.get(block_kind(block), 1.0) for block in blocks)
     with torch.device("meta"):
         apply_trainable(pixel, trainable_cfg.mode, trainable_cfg.lora, trainable_cfg.full_modules)
     trainable = sum(p.numel() for p in pixel.parameters() if p.requires_grad)
     full = sum(p.numel() for name, p in pixel.named_parameters()
                if p.requires_grad and "lora_" not in name) if trainable_cfg.mode == "lora" else total
-    return ParamCounts(total, trainable, full, layers, width, spec.pixel_patch, spec.text_stream == "joint", buffers)
+    return ParamCounts(total, trainable, full, len(blocks), width, spec.pixel_patch, spec.text_stream == "joint",
+                       buffers, transient)
+
+
+def block_kind(block: torch.nn.Module) -> str:
+    """The block's class, with the SD3 variants that hold more or less (a second self-attention, the last block's
+    text stream without MLP): the key of TRANSIENT_SCALE."""
+    kind = type(block).__name__
+    for flag in ("dual_attention", "context_pre_only"):
+        if getattr(block, f"use_{flag}" if flag == "dual_attention" else flag, False):
+            kind += f"+{flag}"
+    return kind
 
 
 def stream_text_tokens(family: str, max_sequence_length: int) -> int:
@@ -207,11 +233,11 @@ def activation_bytes_per_sample(p: ParamCounts, height: int, width: int, text_to
     recompute transient (≈ 20·T·d); without, ≈ 20·T·d per block; plus the fp32 image-space AsymFlow algebra.
     T = image tokens (H/p·W/p) + text tokens where the text travels through the blocks (joint attention); where it
     is a cross-attention input (Sana) T is the image tokens and the text (text_tokens·d) is kept once.
-    RECOMPUTE_TRANSIENT is FLUX.2's estimate (SwiGLU 3× MLP), applied unchanged to the other families: approximate."""
+    The transient is p.transient: FLUX.2's estimate, scaled for other blocks by TRANSIENT_SCALE (measured)."""
     b = 2 if gpu else 4
     image = (height // p.patch) * (width // p.patch)
     tokens = image + text_tokens if p.text_in_blocks else image
-    blocks = (p.layers + RECOMPUTE_TRANSIENT) if checkpointing else RECOMPUTE_TRANSIENT * p.layers
+    blocks = (p.layers + p.transient) if checkpointing else p.transient * p.layers
     shared_text = 0 if p.text_in_blocks else text_tokens * p.width * b
     return blocks * tokens * p.width * b + shared_text + IMAGE_ALGEBRA_TENSORS * 3 * height * width * 4
 

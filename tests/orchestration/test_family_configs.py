@@ -79,12 +79,35 @@ def test_flux1_dev_counts_match_the_closed_form(table, tmp_path):
 def test_cross_attention_text_is_kept_once(table):
     """Sana: T = image tokens only (1024² / 32² = 1024), its 300 text tokens kept once (not per block); SD3: the
     77 CLIP tokens join the 256 T5 tokens in every block."""
-    from orchestration.dry_run import (IMAGE_ALGEBRA_TENSORS, RECOMPUTE_TRANSIENT, activation_bytes_per_sample,
-                                       stream_text_tokens)
+    from orchestration.dry_run import (IMAGE_ALGEBRA_TENSORS, RECOMPUTE_TRANSIENT, TRANSIENT_SCALE,
+                                       activation_bytes_per_sample, stream_text_tokens)
 
     p = table.family_prediction("sana-1600m")[0]
     assert (p.layers, p.width, p.patch, p.text_in_blocks) == (20, 2240, 32, False)
+    assert p.transient == RECOMPUTE_TRANSIENT * TRANSIENT_SCALE["SanaTransformerBlock"]
     image = 1024 * 1024 // 32**2
-    expected = (20 + RECOMPUTE_TRANSIENT) * image * 2240 * 2 + 300 * 2240 * 2 + IMAGE_ALGEBRA_TENSORS * 3 * 1024**2 * 4
+    expected = (20 + p.transient) * image * 2240 * 2 + 300 * 2240 * 2 + IMAGE_ALGEBRA_TENSORS * 3 * 1024**2 * 4
     assert activation_bytes_per_sample(p, 1024, 1024, stream_text_tokens("sana", 300), True, True) == expected
     assert stream_text_tokens("sd3", 256) == 77 + 256 and stream_text_tokens("flux1", 512) == 512
+
+
+def test_transient_scales_are_measured():
+    """TRANSIENT_SCALE is what bench/block_transient.py measures on tiny instances of the real classes (bytes each
+    block saves for its backward in a bf16 LoRA training forward, over T·d, relative to FLUX.2's largest block); and
+    the released checkpoints take their largest block's (SD3.5 Large has no dual-attention block, Medium has)."""
+    from orchestration.dry_run import TRANSIENT_SCALE
+
+    spec = importlib.util.spec_from_file_location("block_transient", REPO / "bench" / "block_transient.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert {kind: round(scale, 2) for kind, scale in bench.measured_scales().items()} == TRANSIENT_SCALE
+
+
+def test_released_checkpoints_take_their_largest_block(table):
+    from orchestration.dry_run import RECOMPUTE_TRANSIENT, TRANSIENT_SCALE
+
+    expected = {"flux1-dev": "FluxTransformerBlock", "sd3.5-large": "JointTransformerBlock",
+                "sd3.5-medium": "JointTransformerBlock+dual_attention", "qwen-image": "QwenImageTransformerBlock",
+                "sana-1600m": "SanaTransformerBlock"}
+    for name, kind in expected.items():
+        assert table.family_prediction(name)[0].transient == RECOMPUTE_TRANSIENT * TRANSIENT_SCALE[kind], name
