@@ -188,6 +188,29 @@ def config_comment(name: str) -> str:
     ])
 
 
+README = REPO / "README.md"
+README_BEGIN, README_END = "<!-- family-configs:begin (bench/memory_table.py --write) -->", "<!-- family-configs:end -->"
+
+
+def readme_table() -> str:
+    """README's "Model families" table of the example configs and their predicted memory per GPU."""
+    from asymflow.families.released import RELEASED
+
+    lines = ["| config | checkpoint | parameters (pixel model) | trainable (LoRA) | GPUs × micro-batch | "
+             "predicted memory per GPU |", "|---|---|---|---|---|---|"]
+    for name, entry in RELEASED.items():
+        p, m = family_prediction(name)
+        lines.append(f"| [`configs/{name}.yaml`](configs/{name}.yaml) | `{entry.repo}` | {p.total / 1e9:.2f} B | "
+                     f"{p.trainable / 1e6:.0f} M | {family_sections(name)['train'].workers} × {m.micro_batch} | "
+                     f"{_gb(m.total)} GB |")
+    return "\n".join(lines)
+
+
+def readme_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    return text[text.index(README_BEGIN) + len(README_BEGIN):text.index(README_END)].strip("\n")
+
+
 def config_section(name: str) -> str:
     """The text between the memory markers of configs/<name>.yaml."""
     text = (REPO / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
@@ -221,6 +244,7 @@ def main() -> None:
     if args.write:
         _replace_between(SCALING, BEGIN, END, table)
         _replace_between(SCALING, FAMILY_BEGIN, FAMILY_END, families)
+        _replace_between(README, README_BEGIN, README_END, readme_table())
         for name in RELEASED:
             _replace_between(REPO / "configs" / f"{name}.yaml", CONFIG_BEGIN, CONFIG_END, config_comment(name))
     print(table + "\n\n" + families)

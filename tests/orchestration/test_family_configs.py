@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -47,33 +46,74 @@ def test_scaling_md_family_table_is_the_scripts_output(table):
         "docs/SCALING.md's family memory table is stale: run .venv/bin/python bench/memory_table.py --write")
 
 
-def test_flux1_dev_counts_match_the_closed_form(table, tmp_path):
-    """count_parameters of a FLUX.1-dev directory (its transformer/config.json) = the closed form of the recipe's
-    LoRA (rank r = 256) on FLUX.1's names and the fully trained modules, from the config's dimensions (d = 3072,
-    FLUX.1's MLPs are 4d wide, its single blocks' proj_out reads attention ‖ MLP = 5d):
+def _run_config(name: str, **paths):
+    """configs/<name>.yaml as a RunConfig, validated with every family allowed (training refuses them today), with
+    `paths` ("model", "data") pointing at local directories."""
+    import yaml
+
+    from asymflow.families import FAMILIES
+    from orchestration.config import RunConfig
+
+    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    for section, path in paths.items():
+        raw[section]["path"] = str(path)
+    return RunConfig.model_validate(raw, context={"families": tuple(FAMILIES)})
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_whole_config_validates_once_the_family_is_allowed(name):
+    """Every section of the example configs is valid as `load_config` checks it; the one refusal left besides the
+    family is RunConfig's FLUX.2-only pixel patch (16) for Sana's 32 (README: what training must change)."""
+    from pydantic import ValidationError
+
+    try:
+        cfg = _run_config(name)
+    except ValidationError as exc:
+        assert RELEASED[name].family == "sana" and "objective.patch_size=32 must be 16" in str(exc)
+        return
+    assert cfg.model.family == RELEASED[name].family
+
+
+def test_flux1_dev_dry_run_counts_and_predicts(table, tmp_path):
+    """The dry run's report of a FLUX.1-dev run (a directory with its transformer/config.json, a 1024² dataset):
+    the counts equal the closed form of the recipe's LoRA (rank r = 256) on FLUX.1's names and the fully trained
+    modules, from the config's dimensions (d = 3072, FLUX.1's MLPs are 4d wide, its single blocks' proj_out reads
+    attention ‖ MLP = 5d), and the predicted memory is the config comment's.
       LoRA = r·[ L·2·((d + 4d) + (4d + d))   ff and ff_context of the double blocks: net.0.proj, net.2
                + S·(5d + d)                  single blocks' proj_out
                + (256 + d) + (d + d) ]       timestep embedder linear_1, linear_2
       full = (768·d + d) + (d·768 + 768) + (d·2d + 2d)   x_embedder, proj_out, norm_out.linear"""
-    from asymflow.components import BaseModelConfig
-    from asymflow.families import FAMILIES
-    from orchestration.dry_run import count_parameters
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.images import ImageSpec
+    from data_prep.shards import BuildConfig, build_shards
+    from orchestration.dry_run import count_parameters, dry_run_report
 
     config = RELEASED["flux1-dev"].config
-    (tmp_path / "transformer").mkdir()
-    (tmp_path / "transformer" / "config.json").write_text(
+    (tmp_path / "FLUX.1-dev" / "transformer").mkdir(parents=True)
+    (tmp_path / "FLUX.1-dev" / "transformer" / "config.json").write_text(
         json.dumps({"_class_name": "FluxTransformer2DModel", **config}))
-    sections = table.family_sections("flux1-dev")
-    model = BaseModelConfig.model_validate({"kind": "diffusers", "path": str(tmp_path)},
-                                           context={"families": tuple(FAMILIES)})
-    p = count_parameters(SimpleNamespace(model=model, trainable=sections["trainable"]))  # family detected
+    (tmp_path / "images").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "images" / "0.png")
+    (tmp_path / "images" / "0.txt").write_text("noise")
+    report = build_shards(BuildConfig(input=str(tmp_path / "images"), output=str(tmp_path / "data"),
+                                      image=ImageSpec(buckets=((1024, 1024),))), workers=1, show_progress=False)
+    assert report.exit_code == 0, report.message
+    cfg = _run_config("flux1-dev", model=tmp_path / "FLUX.1-dev", data=tmp_path / "data")
+    p = count_parameters(cfg)
 
     d, r, L, S = 3072, 256, config["num_layers"], config["num_single_layers"]
     lora = r * (L * 2 * ((d + 4 * d) + (4 * d + d)) + S * (5 * d + d) + (256 + d) + (d + d))
     full = (768 * d + d) + (d * 768 + 768) + (d * 2 * d + 2 * d)
     assert (p.trainable - p.full_modules, p.full_modules) == (lora, full)
     assert (p.layers, p.width, p.patch, p.text_in_blocks, p.buffers) == (L + S, d, 16, True, 0)
-    assert p == table._family_counts("flux1-dev", sections["trainable"])  # the table counts the same model
+    assert p == table.family_prediction("flux1-dev")[0]  # the table's meta build of RELEASED counts the same
+
+    text = dry_run_report(cfg)
+    assert f"{L + S} blocks of width {d}" in text
+    assert f"= {table.family_prediction('flux1-dev')[1].total / 1e9:.2f} GB" in text  # the config comment's figure
 
 
 def test_cross_attention_text_is_kept_once(table):
@@ -111,3 +151,8 @@ def test_released_checkpoints_take_their_largest_block(table):
                 "sana-1600m": "SanaTransformerBlock"}
     for name, kind in expected.items():
         assert table.family_prediction(name)[0].transient == RECOMPUTE_TRANSIENT * TRANSIENT_SCALE[kind], name
+
+
+def test_readme_table_is_the_scripts_output(table):
+    assert table.readme_section() == table.readme_table(), (
+        "README's family config table is stale: run .venv/bin/python bench/memory_table.py --write")
