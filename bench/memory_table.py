@@ -8,6 +8,11 @@
 each at its recipe's world size. Every figure comes from `orchestration.dry_run.predict_memory`, so the document
 and the dry run cannot disagree (tests/orchestration/test_memory_table.py checks the document). Predictions: no
 GPU measured them.
+
+The other families' released checkpoints (asymflow/families/released.py, built on the meta device) × {LoRA, full}
+× micro-batch, each with its example config's settings (configs/<checkpoint>.yaml): a second table in
+docs/SCALING.md, the README's table of the configs, and each config's own comment block (between its
+`# memory:begin` / `# memory:end` lines); --write rewrites all of them (tests/orchestration/test_family_configs.py).
 """
 from __future__ import annotations
 
