@@ -45,7 +45,8 @@ class ParamCounts:
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
     """Parameter counts of the run's pixel model and trainable set, from the latent base's config on the meta
-    device (a klein-sized model costs no memory): converting changes only x_embedder/proj_out's token width."""
+    device (a klein-sized model costs no memory): converting changes only x_embedder/proj_out's token width. Another
+    family's pixel model is built on meta from model.path's transformer/config.json (`count_family_parameters`)."""
     family = family_of(cfg)
     if family != "flux2":
         return count_family_parameters(family, _family_pixel_on_meta(cfg, family), cfg.trainable)
@@ -71,10 +72,9 @@ def count_model_parameters(latent: torch.nn.Module, trainable_cfg: TrainableSect
 
 
 def family_of(cfg: RunConfig) -> str:
-    """The run's model family: model.family, else detected from model.path (flux2 when nothing says otherwise)."""
-    from asymflow.components import TRAINING_FAMILY
-
-    return cfg.model.family or cfg.model.detected_family() or TRAINING_FAMILY
+    """The run's model family: model.family, else detected from model.path; FLUX.2 (the tiny and bundled models'
+    family, and a hub id's until its files are read) when nothing says otherwise."""
+    return cfg.model.family or cfg.model.detected_family() or "flux2"
 
 
 def count_family_parameters(family: str, pixel: torch.nn.Module, trainable_cfg: TrainableSection) -> ParamCounts:
