@@ -96,15 +96,18 @@ def block_transients(family: str) -> dict[str, float]:
     lora = LoRASettings(rank=rank, alpha=float(rank), targets=spec.lora_targets)
     apply_trainable(model, "lora", lora, spec.full_modules, upcast_trainable=False)  # bf16 compute, as autocast
     model.train()
-    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[str, dict[int, int]] = {}
     current: list[str] = []
+    skip: dict[str, set[int]] = {}
+    keep: list[torch.Tensor] = []  # everything seen stays alive: no address is reused while storages are told apart
 
     def enter(name):
         def hook(module, args, kwargs):
             inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
             inputs += [t for v in kwargs.values() if isinstance(v, tuple) for t in v if isinstance(t, torch.Tensor)]
-            skip.update(t.untyped_storage().data_ptr() for t in inputs)  # the stored block input, counted apart
+            keep.extend(inputs)
+            skip[name] = weights | {t.untyped_storage().data_ptr() for t in inputs}  # its inputs: counted apart
             current.append(name)
             saved.setdefault(name, {})
         return hook
@@ -120,7 +123,8 @@ def block_transients(family: str) -> dict[str, float]:
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if current and ptr not in skip:
+        if current and ptr not in skip[current[-1]]:
+            keep.append(t)
             bucket = saved[current[-1]]
             bucket[ptr] = max(bucket.get(ptr, 0), t.untyped_storage().nbytes())
         return t
