@@ -34,8 +34,9 @@ RELEASED: dict[str, ReleasedCheckpoint] = {r.name: r for r in (
              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
              axes_dims_rope=(16, 56, 56)),
         11.9,  # "a 12 billion parameter rectified flow transformer" (model card); 11.90 B counted
-        "black-forest-labs/FLUX.1-dev transformer/config.json (diffusers scripts/convert_flux_to_diffusers.py builds "
-        "FluxTransformer2DModel with guidance_embeds=True for dev; the rest are the class defaults)",
+        "black-forest-labs/FLUX.1-dev transformer/config.json (guidance_embeds true: dev is guidance-distilled); "
+        "diffusers scripts/convert_flux_to_diffusers.py converts with the same 19 double + 38 single blocks, width "
+        "3072, MLP ratio 4",
     ),
     ReleasedCheckpoint(
         "sd3.5-large", "sd3", "stabilityai/stable-diffusion-3.5-large",
