@@ -12,6 +12,19 @@ from orchestration.config import RunConfig, TrainableSection
 PIXEL_TOKEN = 768  # 3 Oklab channels × 16² pixels: the converted model's x_embedder input / proj_out output
 IMAGE_ALGEBRA_TENSORS = 20  # fp32 image-space tensors of one AsymFlow step (SCALING.md: x_0, x_t, twins, targets, …)
 RECOMPUTE_TRANSIENT = 20  # T·d values alive while one checkpointed block is recomputed (q, k, v, MLP in/out, …)
+# The recompute transient of other blocks than FLUX.2's, relative to FLUX.2's largest: measured on tiny instances of
+# the real classes (bench/block_transient.py: bytes autograd saves inside each block in a bf16 LoRA training forward
+# over T·d; tests/orchestration/test_family_configs.py re-measures them). A model's transient is RECOMPUTE_TRANSIENT
+# × the scale of its largest block. FLUX.2 itself keeps RECOMPUTE_TRANSIENT (its blocks measure 30.2 and 29.1 T·d:
+# the estimate is that much lower, see docs/SCALING.md); a kind missing here counts as FLUX.2's (scale 1).
+TRANSIENT_SCALE: dict[str, float] = {
+    "Flux2TransformerBlock": 1.0, "Flux2SingleTransformerBlock": 0.96,
+    "FluxTransformerBlock": 0.9, "FluxSingleTransformerBlock": 0.83,
+    "JointTransformerBlock": 1.04, "JointTransformerBlock+dual_attention": 1.38,
+    "JointTransformerBlock+context_pre_only": 0.99,
+    "QwenImageTransformerBlock": 1.03,
+    "SanaTransformerBlock": 1.6,
+}
 GATHERED_BLOCKS = 2  # ZeRO-3 holds about this many blocks' gathered parameters at once (the current and the next)
 GPU_CONTEXT_BYTES = 3e9  # assumption: CUDA context, NCCL buffers and allocator slack per GPU (not measured here)
 LPIPS_TAP_TENSORS = 2  # per LPIPS tap of the prediction: the normalised difference and its square
@@ -22,13 +35,21 @@ class ParamCounts:
     total: int  # the converted pixel model
     trainable: int
     full_modules: int  # fully trained modules (the tied teacher keeps frozen copies of these)
-    layers: int  # transformer blocks (double + single)
+    layers: int  # transformer blocks (double + single): each one checkpointed
     width: int  # hidden size d
+    patch: int = 16  # pixel patch p: one image token per p×p pixels
+    text_in_blocks: bool = True  # the text tokens travel through the blocks with the image tokens (joint attention)
+    buffers: int = 0  # module buffers of the model (SD3's positional table): whole on every rank, not partitioned
+    transient: float = RECOMPUTE_TRANSIENT  # T·d values one block holds while recomputed (its largest block)
 
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
     """Parameter counts of the run's pixel model and trainable set, from the latent base's config on the meta
-    device (a klein-sized model costs no memory): converting changes only x_embedder/proj_out's token width."""
+    device (a klein-sized model costs no memory): converting changes only x_embedder/proj_out's token width. Another
+    family's pixel model is built on meta from model.path's transformer/config.json (`count_family_parameters`)."""
+    family = family_of(cfg)
+    if family != "flux2":
+        return count_family_parameters(family, _family_pixel_on_meta(cfg, family), cfg.trainable)
     return count_model_parameters(_latent_on_meta(cfg), cfg.trainable)
 
 
@@ -50,6 +71,61 @@ def count_model_parameters(latent: torch.nn.Module, trainable_cfg: TrainableSect
     return ParamCounts(total, trainable, full, layers, d)
 
 
+def family_of(cfg: RunConfig) -> str:
+    """The run's model family: model.family, else detected from model.path; FLUX.2 (the tiny and bundled models'
+    family, and a hub id's until its files are read) when nothing says otherwise."""
+    return cfg.model.family or cfg.model.detected_family() or "flux2"
+
+
+def count_family_parameters(family: str, pixel: torch.nn.Module, trainable_cfg: TrainableSection) -> ParamCounts:
+    """`count_parameters` for a non-FLUX.2 family, from its converted pixel model (on the meta device; modified:
+    the trainable set is applied to it): the checkpointed blocks are the top-level `*transformer_blocks` lists, the
+    width d the read-in's output features, buffers all but the fp32 B and s (`asymflow.families.pixel`)."""
+    from asymflow.families import get_family
+    from asymflow.families.pixel import FP32_BUFFERS
+    from asymflow.trainable import apply_trainable
+
+    spec = get_family(family)
+    total = sum(p.numel() for p in pixel.parameters())
+    buffers = sum(b.numel() for name, b in pixel.named_buffers() if name not in FP32_BUFFERS)
+    width = pixel.get_submodule(spec.read_in.module).weight.shape[0]
+    blocks = [block for name, m in pixel.named_children()
+              if isinstance(m, torch.nn.ModuleList) and name.endswith("transformer_blocks") for block in m]
+    transient = RECOMPUTE_TRANSIENT * max(TRANSIENT_SCALE.get(block_kind(block), 1.0) for block in blocks)
+    with torch.device("meta"):
+        apply_trainable(pixel, trainable_cfg.mode, trainable_cfg.lora, trainable_cfg.full_modules)
+    trainable = sum(p.numel() for p in pixel.parameters() if p.requires_grad)
+    full = sum(p.numel() for name, p in pixel.named_parameters()
+               if p.requires_grad and "lora_" not in name) if trainable_cfg.mode == "lora" else total
+    return ParamCounts(total, trainable, full, len(blocks), width, spec.pixel_patch, spec.text_stream == "joint",
+                       buffers, transient)
+
+
+def block_kind(block: torch.nn.Module) -> str:
+    """The block's class, with the SD3 variants that hold more or less (a second self-attention, the last block's
+    text stream without MLP): the key of TRANSIENT_SCALE."""
+    kind = type(block).__name__
+    for flag in ("dual_attention", "context_pre_only"):
+        if getattr(block, f"use_{flag}" if flag == "dual_attention" else flag, False):
+            kind += f"+{flag}"
+    return kind
+
+
+def stream_text_tokens(family: str, max_sequence_length: int) -> int:
+    """Text tokens per sample the family's pipeline makes of `max_sequence_length` (SD3: + the 77 CLIP tokens)."""
+    from asymflow.families import get_family
+
+    return max_sequence_length + get_family(family).extra_text_tokens
+
+
+def _family_pixel_on_meta(cfg: RunConfig, family: str) -> torch.nn.Module:
+    from asymflow.families import get_family
+    from asymflow.families.released import build_pixel_from_latent_config
+
+    config = get_family(family).transformer_type().load_config(cfg.model.path, subfolder="transformer")
+    return build_pixel_from_latent_config(family, config)
+
+
 def _latent_on_meta(cfg: RunConfig) -> torch.nn.Module:
     from asymflow.components import BUNDLED_PATH, load_base_components
     from asymflow.families import get_family
@@ -69,14 +145,14 @@ def state_bytes_per_rank(p: ParamCounts, world: int, gpu: bool, teacher: str,
     """ZeRO-3 model states per rank (SCALING.md): every parameter partitioned in the compute dtype, plus gradient,
     fp32 master and Adam m, v of the trainable ones; the teacher's frozen copies (tied: the fully trained modules;
     copy: the whole model) are not partitioned; `frozen_params` replicated keeps the frozen parameters whole on
-    every rank (orchestration/frozen_params.py). GPU: bf16 (2 B); CPU: fp32 (4 B)."""
+    every rank (orchestration/frozen_params.py); module buffers are never partitioned. GPU: bf16 (2 B); CPU: fp32."""
     b = 2 if gpu else 4
     per_trainable = b + 4 + 8 if gpu else 4 + 4 + 8  # grad + fp32 master + Adam (CPU: the fp32 param is the master)
     teacher_bytes = b * (p.full_modules if teacher == "tied" else p.total)
     frozen = p.total - p.trainable
     if frozen_params == "replicated":
-        return b * frozen + (b + per_trainable) * p.trainable / world + teacher_bytes
-    return (b * p.total + per_trainable * p.trainable) / world + teacher_bytes
+        return b * frozen + (b + per_trainable) * p.trainable / world + teacher_bytes + b * p.buffers
+    return (b * p.total + per_trainable * p.trainable) / world + teacher_bytes + b * p.buffers
 
 
 def gathered_bytes(p: ParamCounts, gpu: bool, frozen_params: str = "partitioned") -> float:
@@ -141,14 +217,29 @@ def predict_memory(p: ParamCounts, *, world: int, gpu: bool, teacher: str, froze
     )
 
 
+def predict_run_memory(p: ParamCounts, cfg_model, trainable: TrainableSection, train, perceptual, family: str,
+                       height: int, width: int) -> MemoryPrediction:
+    """`predict_memory` with a run's own settings (its model, trainable, train and perceptual sections; the
+    sections alone, so configs of families training does not accept yet are predicted too) at a height×width bucket."""
+    return predict_memory(p, world=train.workers, gpu=train.use_gpu, teacher=trainable.teacher_kind(),
+                          frozen_params=trainable.frozen_params, micro_batch=train.micro_batch, height=height,
+                          width=width, text_tokens=stream_text_tokens(family, cfg_model.max_sequence_length),
+                          checkpointing=train.activation_checkpointing, lpips=perceptual.kind == "lpips")
+
+
 def activation_bytes_per_sample(p: ParamCounts, height: int, width: int, text_tokens: int, gpu: bool,
                                 checkpointing: bool) -> float:
     """Activations of one sample (SCALING.md): with checkpointing, each block's input (L·T·d) plus one block's
-    recompute transient (≈ 20·T·d); without, ≈ 20·T·d per block; plus the fp32 image-space AsymFlow algebra."""
+    recompute transient (≈ 20·T·d); without, ≈ 20·T·d per block; plus the fp32 image-space AsymFlow algebra.
+    T = image tokens (H/p·W/p) + text tokens where the text travels through the blocks (joint attention); where it
+    is a cross-attention input (Sana) T is the image tokens and the text (text_tokens·d) is kept once.
+    The transient is p.transient: FLUX.2's estimate, scaled for other blocks by TRANSIENT_SCALE (measured)."""
     b = 2 if gpu else 4
-    tokens = (height // 16) * (width // 16) + text_tokens
-    blocks = (p.layers + RECOMPUTE_TRANSIENT) if checkpointing else RECOMPUTE_TRANSIENT * p.layers
-    return blocks * tokens * p.width * b + IMAGE_ALGEBRA_TENSORS * 3 * height * width * 4
+    image = (height // p.patch) * (width // p.patch)
+    tokens = image + text_tokens if p.text_in_blocks else image
+    blocks = (p.layers + p.transient) if checkpointing else p.transient * p.layers
+    shared_text = 0 if p.text_in_blocks else text_tokens * p.width * b
+    return blocks * tokens * p.width * b + shared_text + IMAGE_ALGEBRA_TENSORS * 3 * height * width * 4
 
 
 def _size(n: float) -> str:
@@ -178,10 +269,7 @@ def dry_run_report(cfg: RunConfig) -> str:
     saves = sorted({s for s in range(c.every, t.steps + 1, c.every)} | {t.steps})
     restore = ckpt.find_restore_point(cfg.run_dir)
     p = count_parameters(cfg)
-    m = predict_memory(p, world=t.workers, gpu=t.use_gpu, teacher=cfg.trainable.teacher_kind(),
-                       frozen_params=cfg.trainable.frozen_params, micro_batch=t.micro_batch, height=height,
-                       width=width, text_tokens=cfg.model.max_sequence_length,
-                       checkpointing=t.activation_checkpointing, lpips=cfg.perceptual.kind == "lpips")
+    m = predict_run_memory(p, cfg.model, cfg.trainable, t, cfg.perceptual, family_of(cfg), height, width)
     device = "GPU, bf16" if t.use_gpu else "CPU, fp32"
     lines = [
         "# dry run: nothing was started. Resolved config:",

@@ -89,6 +89,12 @@ class ModelFamily:
     # mask over encoder_hidden_states' tokens, for families whose text length varies (None: a fixed length).
     text_inputs: tuple[str, ...] = ("encoder_hidden_states",)
     text_mask: str | None = None
+    # How the text reaches the blocks (the dry run's activation model): "joint", text tokens travel with the image
+    # tokens through every block (MM-DiT: FLUX, SD3, Qwen-Image); "cross", the blocks' stream is the image tokens only
+    # and the text is one shared cross-attention input (Sana). `extra_text_tokens`: tokens the pipeline puts in the
+    # stream besides the max_sequence_length text tokens (SD3: the 77 CLIP tokens concatenated before T5's).
+    text_stream: Literal["joint", "cross"] = "joint"
+    extra_text_tokens: int = 0
 
     @property
     def pixel_patch(self) -> int:

@@ -18,6 +18,7 @@ SANA = ModelFamily(
     latent_normalisation="scale_shift",  # DC-AE: z·scaling_factor, no shift, deterministic encoder
     vae_factors=(0.41407, 0.0),
     timestep="t1000",  # SanaPipeline passes t = 1000·σ, times config.timestep_scale
+    text_stream="cross",  # SanaTransformerBlock: self-attention on image tokens, cross-attention to the text
     text_encoders=("Gemma2Model (last hidden state, masked, with a complex human instruction)",),
     pixel_class_path="asymflow.families.sana_model:AsymSanaTransformer2DModel",
     latent_config=(("patch_size", (1,)), ("in_channels", (32,)), ("out_channels", (None, 32))),

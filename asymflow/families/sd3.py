@@ -18,6 +18,7 @@ SD3 = ModelFamily(
     latent_normalisation="scale_shift",
     vae_factors=(1.5305, 0.0609),
     timestep="t1000",
+    extra_text_tokens=77,  # encoder_hidden_states = CLIP-L ‖ CLIP-G (77 tokens, padded to 4096) then T5 (families.text)
     text_encoders=("CLIPTextModelWithProjection (L)", "CLIPTextModelWithProjection (G)", "T5EncoderModel"),
     pixel_class_path="asymflow.families.sd3_model:AsymSD3Transformer2DModel",
     latent_config=(("patch_size", (2,)), ("in_channels", (16,)), ("out_channels", (None, 16))),

@@ -1,0 +1,168 @@
+"""Per-family calibration of the memory model's recompute transient, measured on tiny instances of the real classes.
+
+    .venv/bin/python bench/block_transient.py
+
+docs/SCALING.md's activation model keeps, with activation checkpointing, each block's input plus the tensors ONE
+block holds for its backward while it is recomputed: ≈ RECOMPUTE_TRANSIENT·T·d values, an estimate made for FLUX.2
+(q, k, v, attention output, the 3×-wide SwiGLU MLP in and out, norms, LoRA inputs). Other families' blocks differ
+(FLUX.1/SD3/Qwen-Image: 4×-wide GELU MLPs, SD3.5 Medium's second attention; Sana: linear attention, a 2.5× GLU
+Mix-FFN with a depthwise conv, cross-attention to the text). This script measures, for each family, the bytes
+autograd saves inside each block (its inputs, parameters and buffers left out; a storage counted once) during one
+training-mode forward of a tiny pixel model in bf16 with the recipe's LoRA (rank scaled to the width as 256 is to
+the released model's) on the family's targets, divides by T·d·2 bytes (T = the tokens in the block's stream:
+image + text for joint attention, image for Sana's cross-attention) and takes the largest block. The memory model
+uses FLUX.2's estimate scaled by each family's measured value over FLUX.2's (`orchestration.dry_run
+.RECOMPUTE_TRANSIENT_SCALE`; tests/orchestration/test_family_configs.py re-measures it), so FLUX.2 keeps its 20
+and the others move by what their blocks measurably hold more or less. CPU attention is torch's flash kernel
+(it saves q, k, v, output and log-sum-exp, no T² matrix), as flash/SDPA on GPUs.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+WIDTH = 256  # d of the tiny instances
+IMAGE_SIDE = 16  # 16×16 image tokens
+# Text tokens in the tiny stream in the released pipelines' proportion to 1024²'s image tokens (FLUX/Qwen-Image:
+# 512 / 4096, SD3: (77 + 256) / 4096, Sana: 300 / 1024), and the released width the LoRA rank 256 is scaled from.
+TEXT_TOKENS = {"flux2": 32, "flux1": 32, "sd3": 21, "qwen_image": 32, "sana": 75}
+RELEASED_WIDTH = {"flux2": 4096, "flux1": 3072, "sd3": 2432, "qwen_image": 3072, "sana": 2240}
+TINY = {  # the released blocks' shapes (head size, MLP ratio, SD3.5's qk-norm and dual attention) at width 256
+    "flux2": dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                  num_attention_heads=2, joint_attention_dim=64, timestep_guidance_channels=256, mlp_ratio=3.0,
+                  axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False),
+    "flux1": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                  num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                  axes_dims_rope=(16, 56, 56)),
+    "sd3": dict(sample_size=32, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=64,
+                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=WIDTH, pooled_projection_dim=32,
+                out_channels=16, pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
+    "qwen_image": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
+                       num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(16, 56, 56)),
+    "sana": dict(in_channels=32, out_channels=32, num_attention_heads=8, attention_head_dim=32, num_layers=1,
+                 num_cross_attention_heads=2, cross_attention_head_dim=128, cross_attention_dim=WIDTH,
+                 caption_channels=64, mlp_ratio=2.5, attention_bias=False, sample_size=IMAGE_SIDE, patch_size=1,
+                 norm_elementwise_affine=False, norm_eps=1e-6),
+}
+
+
+def _pixel(family: str) -> torch.nn.Module:
+    import diffusers
+
+    from asymflow.families import get_family
+    from asymflow.families.released import build_pixel_from_latent_config
+
+    torch.manual_seed(0)
+    if family == "flux2":
+        from asymflow.convert import convert_transformer
+
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # built in bf16, like the other families' pixel models here
+        try:
+            latent = diffusers.Flux2Transformer2DModel(**TINY["flux2"])
+        finally:
+            torch.set_default_dtype(previous)
+        basis = torch.linalg.qr(torch.randn(768, 128, dtype=torch.float64))[0].float()
+        return convert_transformer(latent, basis, 1.0)
+    spec = get_family(family)
+    config = {"_class_name": spec.transformer_class, **TINY[family]}
+    return build_pixel_from_latent_config(family, config, device="cpu")
+
+
+def _conditioning(family: str, batch: int) -> dict:
+    if family == "flux1":
+        return {"pooled_projections": torch.randn(batch, 32), "guidance": torch.full((batch,), 3.5)}
+    if family == "sd3":
+        return {"pooled_projections": torch.randn(batch, 32)}
+    return {}
+
+
+@functools.lru_cache(maxsize=None)
+def block_transients(family: str) -> dict[str, float]:
+    """Bytes each block saves for its backward / (T·d·2), by block name, for `family`'s tiny pixel model."""
+    from asymflow.families import get_family
+    from asymflow.trainable import LoRASettings, apply_trainable
+
+    spec = get_family(family)
+    model = _pixel(family)
+    rank = round(256 * WIDTH / RELEASED_WIDTH[family])
+    lora = LoRASettings(rank=rank, alpha=float(rank), targets=spec.lora_targets)
+    apply_trainable(model, "lora", lora, spec.full_modules, upcast_trainable=False)  # bf16 compute, as autocast
+    model.train()
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[str, dict[int, int]] = {}
+    current: list[str] = []
+    skip: dict[str, set[int]] = {}
+    keep: list[torch.Tensor] = []  # everything seen stays alive: no address is reused while storages are told apart
+
+    def enter(name):
+        def hook(module, args, kwargs):
+            inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+            inputs += [t for v in kwargs.values() if isinstance(v, tuple) for t in v if isinstance(t, torch.Tensor)]
+            keep.extend(inputs)
+            skip[name] = weights | {t.untyped_storage().data_ptr() for t in inputs}  # its inputs: counted apart
+            current.append(name)
+            saved.setdefault(name, {})
+        return hook
+
+    def leave(module, args, kwargs, output):
+        current.pop()
+
+    blocks = [(f"{name}.{i}", block) for name, m in model.named_children()
+              if isinstance(m, torch.nn.ModuleList) and name.endswith("transformer_blocks") for i, block in enumerate(m)]
+    for name, block in blocks:
+        block.register_forward_pre_hook(enter(name), with_kwargs=True)
+        block.register_forward_hook(leave, with_kwargs=True)
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if current and ptr not in skip[current[-1]]:
+            keep.append(t)
+            bucket = saved[current[-1]]
+            bucket[ptr] = max(bucket.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    batch, side, text = 1, IMAGE_SIDE * spec.pixel_patch, TEXT_TOKENS[family]
+    x = torch.randn(batch, 3, side, side, requires_grad=True)
+    encoder = torch.randn(batch, text, TINY[family].get("joint_attention_dim", TINY[family].get("caption_channels")))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, torch.full((batch,), 0.5), encoder, **_conditioning(family, batch))
+    tokens = IMAGE_SIDE**2 + (text if spec.text_stream == "joint" else 0)
+    return {name: sum(b.values()) / (tokens * WIDTH * 2) for name, b in saved.items()}
+
+
+def measured_scales() -> dict[str, float]:
+    """Each block kind's measured transient over FLUX.2's largest (`orchestration.dry_run.block_kind` names the kinds;
+    the memory model's TRANSIENT_SCALE holds these, rounded to 2 digits)."""
+    from orchestration.dry_run import block_kind
+
+    flux2 = max(block_transients("flux2").values())
+    scales = {}
+    for family in TINY:
+        model = _blocks(family)
+        for name, value in block_transients(family).items():
+            scales[block_kind(model.get_submodule(name))] = value / flux2
+    return scales
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks(family: str) -> torch.nn.Module:
+    return _pixel(family)
+
+
+def main() -> None:
+    for family in TINY:
+        per_block = block_transients(family)
+        print(f"{family:11s} " + "  ".join(f"{k} {v:.2f}" for k, v in per_block.items()))
+    print({kind: round(scale, 2) for kind, scale in measured_scales().items()})
+
+
+if __name__ == "__main__":
+    main()

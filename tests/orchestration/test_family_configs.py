@@ -1,0 +1,158 @@
+"""The example configs of the other families' released checkpoints (configs/<checkpoint>.yaml): their memory comment
+is `predict_memory`'s figure for their own settings (so it cannot go stale), their trainable set is the family's,
+docs/SCALING.md's per-family table is bench/memory_table.py's output, and the family-aware memory model counts what
+the closed forms say (LoRA on FLUX.1-dev's names; Sana's text outside the blocks)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from asymflow.families import get_family
+from asymflow.families.released import RELEASED
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def table():
+    """bench/memory_table.py loaded once, so its meta-built counts are shared by this module's tests."""
+    spec = importlib.util.spec_from_file_location("memory_table", REPO / "bench" / "memory_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_config_comment_is_the_prediction(table, name):
+    assert table.config_section(name) == table.config_comment(name), (
+        f"configs/{name}.yaml's memory comment is stale: run .venv/bin/python bench/memory_table.py --write")
+    family = get_family(RELEASED[name].family)
+    sections = table.family_sections(name)  # the model section validates with every family allowed
+    assert sections["model"].family == family.name
+    assert sections["trainable"].lora.targets == family.lora_targets
+    assert sections["trainable"].full_modules == family.full_modules
+    assert sections["train"].use_gpu and sections["train"].global_batch == 256
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    assert raw["objective"]["patch_size"] == family.pixel_patch and raw["subspace"]["rank"] == family.latent_dim
+
+
+def test_scaling_md_family_table_is_the_scripts_output(table):
+    assert table.family_document_section() == table.family_markdown(table.family_predictions()), (
+        "docs/SCALING.md's family memory table is stale: run .venv/bin/python bench/memory_table.py --write")
+
+
+def _run_config(name: str, **paths):
+    """configs/<name>.yaml as a RunConfig, validated with every family allowed (training refuses them today), with
+    `paths` ("model", "data") pointing at local directories."""
+    import yaml
+
+    from asymflow.families import FAMILIES
+    from orchestration.config import RunConfig
+
+    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    for section, path in paths.items():
+        raw[section]["path"] = str(path)
+    return RunConfig.model_validate(raw, context={"families": tuple(FAMILIES)})
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_whole_config_validates_once_the_family_is_allowed(name):
+    """Every section of the example configs is valid as `load_config` checks it; the one refusal left besides the
+    family is RunConfig's FLUX.2-only pixel patch (16) for Sana's 32 (README: what training must change)."""
+    from pydantic import ValidationError
+
+    try:
+        cfg = _run_config(name)
+    except ValidationError as exc:
+        assert RELEASED[name].family == "sana" and "objective.patch_size=32 must be 16" in str(exc)
+        return
+    assert cfg.model.family == RELEASED[name].family
+
+
+def test_flux1_dev_dry_run_counts_and_predicts(table, tmp_path):
+    """The dry run's report of a FLUX.1-dev run (a directory with its transformer/config.json, a 1024² dataset):
+    the counts equal the closed form of the recipe's LoRA (rank r = 256) on FLUX.1's names and the fully trained
+    modules, from the config's dimensions (d = 3072, FLUX.1's MLPs are 4d wide, its single blocks' proj_out reads
+    attention ‖ MLP = 5d), and the predicted memory is the config comment's.
+      LoRA = r·[ L·2·((d + 4d) + (4d + d))   ff and ff_context of the double blocks: net.0.proj, net.2
+               + S·(5d + d)                  single blocks' proj_out
+               + (256 + d) + (d + d) ]       timestep embedder linear_1, linear_2
+      full = (768·d + d) + (d·768 + 768) + (d·2d + 2d)   x_embedder, proj_out, norm_out.linear"""
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.images import ImageSpec
+    from data_prep.shards import BuildConfig, build_shards
+    from orchestration.dry_run import count_parameters, dry_run_report
+
+    config = RELEASED["flux1-dev"].config
+    (tmp_path / "FLUX.1-dev" / "transformer").mkdir(parents=True)
+    (tmp_path / "FLUX.1-dev" / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "FluxTransformer2DModel", **config}))
+    (tmp_path / "images").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "images" / "0.png")
+    (tmp_path / "images" / "0.txt").write_text("noise")
+    report = build_shards(BuildConfig(input=str(tmp_path / "images"), output=str(tmp_path / "data"),
+                                      image=ImageSpec(buckets=((1024, 1024),))), workers=1, show_progress=False)
+    assert report.exit_code == 0, report.message
+    cfg = _run_config("flux1-dev", model=tmp_path / "FLUX.1-dev", data=tmp_path / "data")
+    p = count_parameters(cfg)
+
+    d, r, L, S = 3072, 256, config["num_layers"], config["num_single_layers"]
+    lora = r * (L * 2 * ((d + 4 * d) + (4 * d + d)) + S * (5 * d + d) + (256 + d) + (d + d))
+    full = (768 * d + d) + (d * 768 + 768) + (d * 2 * d + 2 * d)
+    assert (p.trainable - p.full_modules, p.full_modules) == (lora, full)
+    assert (p.layers, p.width, p.patch, p.text_in_blocks, p.buffers) == (L + S, d, 16, True, 0)
+    assert p == table.family_prediction("flux1-dev")[0]  # the table's meta build of RELEASED counts the same
+
+    text = dry_run_report(cfg)
+    assert f"{L + S} blocks of width {d}" in text
+    assert f"= {table.family_prediction('flux1-dev')[1].total / 1e9:.2f} GB" in text  # the config comment's figure
+
+
+def test_cross_attention_text_is_kept_once(table):
+    """Sana: T = image tokens only (1024² / 32² = 1024), its 300 text tokens kept once (not per block); SD3: the
+    77 CLIP tokens join the 256 T5 tokens in every block."""
+    from orchestration.dry_run import (IMAGE_ALGEBRA_TENSORS, RECOMPUTE_TRANSIENT, TRANSIENT_SCALE,
+                                       activation_bytes_per_sample, stream_text_tokens)
+
+    p = table.family_prediction("sana-1600m")[0]
+    assert (p.layers, p.width, p.patch, p.text_in_blocks) == (20, 2240, 32, False)
+    assert p.transient == RECOMPUTE_TRANSIENT * TRANSIENT_SCALE["SanaTransformerBlock"]
+    image = 1024 * 1024 // 32**2
+    expected = (20 + p.transient) * image * 2240 * 2 + 300 * 2240 * 2 + IMAGE_ALGEBRA_TENSORS * 3 * 1024**2 * 4
+    assert activation_bytes_per_sample(p, 1024, 1024, stream_text_tokens("sana", 300), True, True) == expected
+    assert stream_text_tokens("sd3", 256) == 77 + 256 and stream_text_tokens("flux1", 512) == 512
+
+
+def test_transient_scales_are_measured():
+    """TRANSIENT_SCALE is what bench/block_transient.py measures on tiny instances of the real classes (bytes each
+    block saves for its backward in a bf16 LoRA training forward, over T·d, relative to FLUX.2's largest block); and
+    the released checkpoints take their largest block's (SD3.5 Large has no dual-attention block, Medium has)."""
+    from orchestration.dry_run import TRANSIENT_SCALE
+
+    spec = importlib.util.spec_from_file_location("block_transient", REPO / "bench" / "block_transient.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert {kind: round(scale, 2) for kind, scale in bench.measured_scales().items()} == TRANSIENT_SCALE
+
+
+def test_released_checkpoints_take_their_largest_block(table):
+    from orchestration.dry_run import RECOMPUTE_TRANSIENT, TRANSIENT_SCALE
+
+    expected = {"flux1-dev": "FluxTransformerBlock", "sd3.5-large": "JointTransformerBlock",
+                "sd3.5-medium": "JointTransformerBlock+dual_attention", "qwen-image": "QwenImageTransformerBlock",
+                "sana-1600m": "SanaTransformerBlock"}
+    for name, kind in expected.items():
+        assert table.family_prediction(name)[0].transient == RECOMPUTE_TRANSIENT * TRANSIENT_SCALE[kind], name
+
+
+def test_readme_table_is_the_scripts_output(table):
+    assert table.readme_section() == table.readme_table(), (
+        "README's family config table is stale: run .venv/bin/python bench/memory_table.py --write")
