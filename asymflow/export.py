@@ -177,6 +177,23 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
 
 
+def saved_weight_names(root: Path) -> set[str]:
+    """The tensor names a model directory's weights hold (a single or sharded save_pretrained file); one ValueError
+    line for a directory without weights or with a damaged file. Read from the header only: no tensor is loaded."""
+    from safetensors import safe_open
+
+    index = root / f"{WEIGHTS_NAME}.index.json"  # a sharded save_pretrained
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    if not (root / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{root} has config.json but no {WEIGHTS_NAME}")
+    try:
+        with safe_open(root / WEIGHTS_NAME, "pt") as f:
+            return set(f.keys())
+    except Exception as exc:  # SafetensorError for a truncated or damaged file
+        raise ValueError(f"{root / WEIGHTS_NAME} is not a readable safetensors file ({exc})") from exc
+
+
 def read_pixel_config(adapter_dir: Path) -> dict[str, Any]:
     """The pixel transformer config of an export, checked to describe AsymFlux2Transformer2DModel."""
     path = adapter_dir / CONFIG_NAME

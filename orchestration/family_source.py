@@ -69,26 +69,13 @@ def recorded_base(root: Path) -> str | None:
 def is_complete_family_model(root: Path, family: str) -> bool:
     """True when the directory's weights hold every tensor of the family's pixel model (a save_pretrained or merged
     export), False for an adapter (trained modules + LoRA only)."""
-    from safetensors import safe_open
-
-    from asymflow.export import WEIGHTS_NAME
+    from asymflow.export import saved_weight_names
     from asymflow.families import get_family
 
-    index = root / f"{WEIGHTS_NAME}.index.json"
-    if index.is_file():
-        keys = set(json.loads(index.read_text())["weight_map"])
-    elif (root / WEIGHTS_NAME).is_file():
-        try:
-            with safe_open(root / WEIGHTS_NAME, "pt") as f:
-                keys = set(f.keys())
-        except Exception as exc:  # SafetensorError for a truncated or damaged file
-            raise ValueError(f"{root / WEIGHTS_NAME} is not a readable safetensors file ({exc})") from exc
-    else:
-        raise ValueError(f"{root} has config.json but no {WEIGHTS_NAME}")
     config = json.loads((root / "config.json").read_text())
     with torch.device("meta"):
         expected = set(get_family(family).pixel_class().from_config(config).state_dict())
-    return expected <= keys
+    return expected <= saved_weight_names(root)
 
 
 def family_transformer_facts(kind: str, path: str, base: str | None) -> dict[str, Any]:

@@ -122,6 +122,14 @@ def available_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def check_fits(need: int, device: str, height: int, width: int) -> None:
+    """Checked before loading: a multi-GB model is not loaded for a request it cannot serve."""
+    have = available_bytes(device)
+    if need > have:
+        raise ValueError(f"{width}x{height} needs about {need / 2**30:.1f} GiB to sample on {device} but "
+                         f"{have / 2**30:.1f} GiB are free; choose a smaller --height/--width")
+
+
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit] or "sample"
 
@@ -205,13 +213,9 @@ def sample_to_pngs(args: argparse.Namespace) -> list[Path]:
     guidance = args.guidance if args.guidance is not None else d.get("guidance", DEFAULT_GUIDANCE)
     device = args.device or _default_device()
 
-    # Checked before loading: a multi-GB model is not loaded for a request it cannot serve.
     config, text_len, weight_bytes = transformer_facts(src)
     need = sampling_bytes(config, height, width, text_len, guidance != 1.0, ref_tokens, weight_bytes)
-    have = available_bytes(str(device))
-    if need > have:
-        raise ValueError(f"{width}x{height} needs about {need / 2**30:.1f} GiB to sample on {device} but "
-                         f"{have / 2**30:.1f} GiB are free; choose a smaller --height/--width")
+    check_fits(need, str(device), height, width)
 
     pipe = load_pipeline(src, device=device, weights=args.weights)
 
@@ -267,10 +271,7 @@ def family_sample_to_pngs(args: argparse.Namespace, src: Any) -> list[Path]:
         raise ValueError(f"--embedded-guidance: {args.source} has no guidance embedding (only a guidance-distilled "
                          f"FLUX.1 takes one); use --guidance for true CFG")
     need = sampling_bytes(config, height, width, text_len, guidance != 1.0, 0, weight_bytes, patch)
-    have = available_bytes(str(device))
-    if need > have:
-        raise ValueError(f"{width}x{height} needs about {need / 2**30:.1f} GiB to sample on {device} but "
-                         f"{have / 2**30:.1f} GiB are free; choose a smaller --height/--width")
+    check_fits(need, str(device), height, width)
 
     pipe = load_pipeline(src, device=device, weights=args.weights)
     out = Path(args.out)

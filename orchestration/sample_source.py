@@ -117,25 +117,12 @@ def _recorded_base(root: Path) -> tuple[Any, dict[str, Any]]:
 
 def _is_complete_model(root: Path, config: dict[str, Any]) -> bool:
     """True when the directory's weights hold every tensor of the model (merged export, full fine-tune export)."""
-    from safetensors import safe_open
-
-    from asymflow.export import WEIGHTS_NAME
+    from asymflow.export import saved_weight_names
     from asymflow.model import AsymFlux2Transformer2DModel
 
-    index = root / f"{WEIGHTS_NAME}.index.json"  # a sharded save_pretrained
-    if index.is_file():
-        keys = set(json.loads(index.read_text())["weight_map"])
-    elif (root / WEIGHTS_NAME).is_file():
-        try:
-            with safe_open(root / WEIGHTS_NAME, "pt") as f:
-                keys = set(f.keys())
-        except Exception as exc:  # SafetensorError for a truncated or damaged file
-            raise ValueError(f"{root / WEIGHTS_NAME} is not a readable safetensors file ({exc})") from exc
-    else:
-        raise ValueError(f"{root} has {'config.json'} but no {WEIGHTS_NAME}")
     with torch.device("meta"):
         expected = set(AsymFlux2Transformer2DModel.from_config(config).state_dict())
-    return expected <= keys
+    return expected <= saved_weight_names(root)
 
 
 def resolve_source(source: str, step: int | None = None, base: str | None = None) -> Source:
