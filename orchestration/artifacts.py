@@ -174,9 +174,6 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
         raise ValueError("a pipeline export holds the merged transformer: pass merged=True (--merged)")
     path = resolve_checkpoint(run_dir, step)
     family = RunConfig.model_validate(ckpt.read_state(path)["config"]).family()
-    if pipeline and family != TRAINING_FAMILY:
-        raise ValueError(f"a pipeline export (--pipeline) is FLUX.2's (AsymFlux2KleinPipeline); this run trains "
-                         f"{family}: export the adapter or --merged model")
     model, cfg, state = build_model_from_checkpoint(path, weights)
     name = ckpt.step_name(int(state["step"]))
     suffix = "-pipeline" if pipeline else "-merged" if merged else ""
@@ -194,14 +191,7 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
     card = render_model_card(dataclasses.replace(facts, kind="merged"))
     if not pipeline:
         return save_merged(model, target, card=card, base_info=base_record(cfg))
-    from asymflow.components import load_base_components
-    from asymflow.pipeline import AsymFlux2KleinPipeline
-    from asymflow.scheduler import released_pipeline_scheduler
-
-    parts = load_base_components(cfg.model, ("text_encoder", "tokenizer"))
-    pipe = AsymFlux2KleinPipeline(model, released_pipeline_scheduler(), parts.text_encoder, parts.tokenizer,
-                                  text_hidden_layers=cfg.model.text_hidden_layers,
-                                  max_sequence_length=cfg.model.max_sequence_length)
+    pipe = _flux2_pipeline(model, cfg) if family == TRAINING_FAMILY else _family_pipeline(model, cfg)
 
     def write(staging: Path) -> None:
         pipe.save_pretrained(staging)
@@ -209,6 +199,25 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str | None = N
         (staging / BASE_NAME).write_text(json.dumps(base_record(cfg), indent=2) + "\n")  # sampling defaults
 
     return write_staged(target, write)
+
+
+def _flux2_pipeline(model, cfg: RunConfig):
+    from asymflow.components import load_base_components
+    from asymflow.pipeline import AsymFlux2KleinPipeline
+    from asymflow.scheduler import released_pipeline_scheduler
+
+    parts = load_base_components(cfg.model, ("text_encoder", "tokenizer"))
+    return AsymFlux2KleinPipeline(model, released_pipeline_scheduler(), parts.text_encoder, parts.tokenizer,
+                                  text_hidden_layers=cfg.model.text_hidden_layers,
+                                  max_sequence_length=cfg.model.max_sequence_length)
+
+
+def _family_pipeline(model, cfg: RunConfig):
+    """Another family: AsymFlowFamilyPipeline with the base pipeline directory's own tokenizers and text encoders."""
+    from asymflow.families.load import load_pipeline_components, text_component_names
+    from asymflow.families.pipeline import AsymFlowFamilyPipeline
+
+    return AsymFlowFamilyPipeline(model, **load_pipeline_components(cfg.model.path, text_component_names(cfg.family())))
 
 
 def render_samples(state: dict, ema: dict[str, torch.Tensor], out_dir: str) -> list[str]:

@@ -55,7 +55,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
                              "AsymFlux2Transformer2DModel.from_pretrained(DIR), no base) [RUN_DIR/export/step-N-merged]")
     export.add_argument("--pipeline", action="store_true",
                         help="with --merged: a whole pipeline directory (transformer, scheduler, text encoder, "
-                             "tokenizer; DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)) "
+                             "tokenizer; other families: AsymFlowFamilyPipeline with the base's text encoders; "
+                             "DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)) "
                              "[RUN_DIR/export/step-N-pipeline]")
     export.set_defaults(func=_run_export)
 

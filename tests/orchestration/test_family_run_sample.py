@@ -63,3 +63,18 @@ def test_flux1_run_dir_samples(tmp_path):
     (png2,) = sorted(out2.glob("*.png"))
     with Image.open(png2) as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), got)
+
+    # `export --merged --pipeline`: a whole AsymFlowFamilyPipeline directory (merged transformer + the base's text
+    # parts) that diffusers' own DiffusionPipeline.from_pretrained loads, and `asymflow sample` samples alike.
+    from diffusers import DiffusionPipeline
+
+    assert main(["export", cfg.run_dir, "--merged", "--pipeline"]) == 0
+    saved = Path(cfg.run_dir) / "export" / "step-00000004-pipeline"
+    loaded = DiffusionPipeline.from_pretrained(str(saved), trust_remote_code=True)
+    assert type(loaded).__name__ == "AsymFlowFamilyPipeline" and loaded.transformer.family().name == "flux1"
+    out3 = tmp_path / "png3"
+    assert main(["sample", str(saved), "--prompt", "a red cat", "--height", "32", "--width", "32", "--steps", "2",
+                 "--out", str(out3), "--device", "cpu"]) == 0
+    (png3,) = sorted(out3.glob("*.png"))
+    with Image.open(png3) as im:  # the LoRA fused into the weights: equal to 8-bit rounding of fp32 reassociation
+        assert np.abs(np.asarray(im.convert("RGB")).astype(int) - got.astype(int)).max() <= 1
