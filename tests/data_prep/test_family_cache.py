@@ -45,9 +45,7 @@ def _components(model: Path) -> dict:
     return load_pipeline_components(model, ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"))
 
 
-def test_data_prep_accepts_flux1_and_training_still_refuses_it(flux1, tmp_path) -> None:
-    from asymflow.components import BaseModelConfig
-
+def test_data_prep_takes_flux1_detected_or_named(flux1, tmp_path) -> None:
     assert load_model_config(str(flux1["config"])).check_family(("flux2", "flux1")) == "flux1"
     explicit = tmp_path / "explicit.yaml"
     explicit.write_text(f"model:\n  kind: diffusers\n  path: {flux1['model']}\n  family: flux1\n")
