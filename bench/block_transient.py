@@ -180,6 +180,52 @@ def measured_transients() -> dict[str, dict[str, float]]:
     return transients
 
 
+def backward_peak(family: str = "flux2", name: str = "transformer_blocks.0") -> float:
+    """CPU bytes allocated at the peak of one checkpointed block's backward (LoRA) above what was allocated when it
+    began, / (T·d·2), from torch.profiler's memory timeline: the recomputed saved tensors plus the gradients in
+    flight, which the memory model does not count (a check of the transient, not a term of it)."""
+    import json
+    import tempfile
+
+    from torch.utils.checkpoint import checkpoint
+
+    from asymflow.families import get_family
+
+    model = trainable_pixel(family, "lora")
+    block, captured = model.get_submodule(name), {}
+
+    class _Captured(Exception):
+        pass
+
+    def capture(module, args, kwargs):
+        captured.update(args=args, kwargs=kwargs)
+        raise _Captured
+
+    hook = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        forward(model, family)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+
+    def leaf(v):
+        return v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    out = checkpoint(block, *map(leaf, captured["args"]), use_reentrant=False,
+                     **{k: leaf(v) for k, v in captured["kwargs"].items()})
+    loss = sum((o.float() ** 2).sum() for o in (out if isinstance(out, tuple) else (out,)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                record_shapes=True, with_stack=True) as prof:
+        loss.backward()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_memory_timeline(f"{tmp}/timeline.json", device="cpu")
+        _, sizes = json.loads(Path(f"{tmp}/timeline.json").read_text())
+    totals = [sum(categories) for categories in sizes]
+    tokens = IMAGE_SIDE**2 + (TEXT_TOKENS[family] if get_family(family).text_stream == "joint" else 0)
+    return (max(totals) - totals[0]) / (tokens * WIDTH * 2)
+
+
 @functools.lru_cache(maxsize=None)
 def _blocks(family: str) -> torch.nn.Module:
     return _pixel(family)
@@ -192,6 +238,8 @@ def main() -> None:
             print(f"{mode:4s} {family:11s} " + "  ".join(f"{k} {v:.2f}" for k, v in per_block.items()))
     for mode, kinds in measured_transients().items():
         print(f'    "{mode}": {{' + ", ".join(f'"{kind}": {value:.1f}' for kind, value in kinds.items()) + "},")
+    print(f"flux2 double block, backward peak above its start (saved tensors + gradients in flight): "
+          f"{backward_peak():.1f} T·d")
 
 
 if __name__ == "__main__":
