@@ -1,20 +1,20 @@
-"""Per-family calibration of the memory model's recompute transient, measured on tiny instances of the real classes.
+"""The memory model's recompute transient, per block kind, measured on tiny instances of the real classes.
 
     .venv/bin/python bench/block_transient.py
 
 docs/SCALING.md's activation model keeps, with activation checkpointing, each block's input plus the tensors ONE
-block holds for its backward while it is recomputed: ≈ RECOMPUTE_TRANSIENT·T·d values, an estimate made for FLUX.2
-(q, k, v, attention output, the 3×-wide SwiGLU MLP in and out, norms, LoRA inputs). Other families' blocks differ
-(FLUX.1/SD3/Qwen-Image: 4×-wide GELU MLPs, SD3.5 Medium's second attention; Sana: linear attention, a 2.5× GLU
-Mix-FFN with a depthwise conv, cross-attention to the text). This script measures, for each family, the bytes
-autograd saves inside each block (its inputs, parameters and buffers left out; a storage counted once) during one
-training-mode forward of a tiny pixel model in bf16 with the recipe's LoRA (rank scaled to the width as 256 is to
-the released model's) on the family's targets, divides by T·d·2 bytes (T = the tokens in the block's stream:
-image + text for joint attention, image for Sana's cross-attention) and takes the largest block. The memory model
-uses FLUX.2's estimate scaled by each family's measured value over FLUX.2's (`orchestration.dry_run
-.RECOMPUTE_TRANSIENT_SCALE`; tests/orchestration/test_family_configs.py re-measures it), so FLUX.2 keeps its 20
-and the others move by what their blocks measurably hold more or less. CPU attention is torch's flash kernel
-(it saves q, k, v, output and log-sum-exp, no T² matrix), as flash/SDPA on GPUs.
+block holds for its backward while it is recomputed. This script measures that transient for every family's blocks
+(FLUX.2's included): the bytes autograd saves inside each block (its inputs, parameters and buffers left out; a
+storage counted once) during one training-mode forward of a tiny pixel model in bf16, trained as the recipe's LoRA
+(rank scaled to the width as 256 is to the released model's, dropout 0.05, on the family's targets) or fully (every
+weight trained: each linear saves its input), over T·d·2 bytes (T = the tokens in the block's stream: image + text
+for joint attention, image for Sana's cross-attention). `orchestration.dry_run.BLOCK_TRANSIENT` holds these values
+per trainable mode (rounded to 0.1 T·d) and a model takes its largest block's; tests/orchestration/
+test_family_configs.py re-measures them and checks this count against an independent one (a walk of the autograd
+graph's saved tensors). What a GPU saves and CPU does not: CPU attention is torch's flash kernel (it saves q, k, v,
+output and log-sum-exp, no T² matrix), as flash/SDPA on GPUs; LoRA's dropout runs through `torch.native_dropout`
+here, the fused kernel `F.dropout` uses on CUDA (a bool mask, 1 byte per element), not CPU's unfused path (a bf16
+noise tensor, 2 bytes).
 """
 from __future__ import annotations
 
@@ -84,9 +84,15 @@ def _conditioning(family: str, batch: int) -> dict:
     return {}
 
 
-@functools.lru_cache(maxsize=None)
-def block_transients(family: str) -> dict[str, float]:
-    """Bytes each block saves for its backward / (T·d·2), by block name, for `family`'s tiny pixel model."""
+def _fused_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """nn.Dropout's training forward as CUDA runs it (at::dropout takes the fused native_dropout there): autograd
+    saves a bool mask, where CPU's unfused path would save a noise tensor of x's dtype."""
+    return torch.native_dropout(x, p, True)[0] if 0 < p < 1 else x
+
+
+def trainable_pixel(family: str, mode: str = "lora") -> torch.nn.Module:
+    """`family`'s tiny pixel model in bf16 in training mode with the recipe's trainable set: LoRA (rank scaled to the
+    width; its dropout as CUDA runs it) or every parameter trained ("full")."""
     from asymflow.families import get_family
     from asymflow.trainable import LoRASettings, apply_trainable
 
@@ -94,8 +100,32 @@ def block_transients(family: str) -> dict[str, float]:
     model = _pixel(family)
     rank = round(256 * WIDTH / RELEASED_WIDTH[family])
     lora = LoRASettings(rank=rank, alpha=float(rank), targets=spec.lora_targets)
-    apply_trainable(model, "lora", lora, spec.full_modules, upcast_trainable=False)  # bf16 compute, as autocast
+    apply_trainable(model, mode, lora, spec.full_modules, upcast_trainable=False)  # bf16 compute, as autocast
     model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.forward = functools.partial(_fused_dropout, p=module.p)
+    return model
+
+
+def forward(model: torch.nn.Module, family: str) -> torch.Tensor:
+    """One forward of `family`'s tiny pixel model on a random 1-sample batch (IMAGE_SIDE² image tokens)."""
+    from asymflow.families import get_family
+
+    side, text = IMAGE_SIDE * get_family(family).pixel_patch, TEXT_TOKENS[family]
+    x = torch.randn(1, 3, side, side, requires_grad=True)
+    encoder = torch.randn(1, text, TINY[family].get("joint_attention_dim", TINY[family].get("caption_channels")))
+    return model(x, torch.full((1,), 0.5), encoder, **_conditioning(family, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def block_transients(family: str, mode: str = "lora") -> dict[str, float]:
+    """Bytes each block saves for its backward / (T·d·2), by block name, for `family`'s tiny pixel model trained
+    with `mode` ("lora" or "full")."""
+    from asymflow.families import get_family
+
+    spec = get_family(family)
+    model = trainable_pixel(family, mode)
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[str, dict[int, int]] = {}
     current: list[str] = []
@@ -129,27 +159,71 @@ def block_transients(family: str) -> dict[str, float]:
             bucket[ptr] = max(bucket.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
-    batch, side, text = 1, IMAGE_SIDE * spec.pixel_patch, TEXT_TOKENS[family]
-    x = torch.randn(batch, 3, side, side, requires_grad=True)
-    encoder = torch.randn(batch, text, TINY[family].get("joint_attention_dim", TINY[family].get("caption_channels")))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, torch.full((batch,), 0.5), encoder, **_conditioning(family, batch))
-    tokens = IMAGE_SIDE**2 + (text if spec.text_stream == "joint" else 0)
+        forward(model, family)
+    tokens = IMAGE_SIDE**2 + (TEXT_TOKENS[family] if spec.text_stream == "joint" else 0)
     return {name: sum(b.values()) / (tokens * WIDTH * 2) for name, b in saved.items()}
 
 
-def measured_scales() -> dict[str, float]:
-    """Each block kind's measured transient over FLUX.2's largest (`orchestration.dry_run.block_kind` names the kinds;
-    the memory model's TRANSIENT_SCALE holds these, rounded to 2 digits)."""
+def measured_transients() -> dict[str, dict[str, float]]:
+    """Each block kind's measured transient in T·d, per trainable mode (`orchestration.dry_run.block_kind` names the
+    kinds; the memory model's BLOCK_TRANSIENT holds these, rounded to 0.1)."""
     from orchestration.dry_run import block_kind
 
-    flux2 = max(block_transients("flux2").values())
-    scales = {}
-    for family in TINY:
-        model = _blocks(family)
-        for name, value in block_transients(family).items():
-            scales[block_kind(model.get_submodule(name))] = value / flux2
-    return scales
+    transients: dict[str, dict[str, float]] = {"lora": {}, "full": {}}
+    for mode, kinds in transients.items():
+        for family in TINY:
+            model = _blocks(family)
+            for name, value in block_transients(family, mode).items():
+                kind = block_kind(model.get_submodule(name))
+                kinds[kind] = max(kinds.get(kind, 0.0), value)
+    return transients
+
+
+def backward_peak(family: str = "flux2", name: str = "transformer_blocks.0") -> float:
+    """CPU bytes allocated at the peak of one checkpointed block's backward (LoRA) above what was allocated when it
+    began, / (T·d·2), from torch.profiler's memory timeline: the recomputed saved tensors plus the gradients in
+    flight, which the memory model does not count (a check of the transient, not a term of it)."""
+    import json
+    import tempfile
+
+    from torch.utils.checkpoint import checkpoint
+
+    from asymflow.families import get_family
+
+    model = trainable_pixel(family, "lora")
+    block, captured = model.get_submodule(name), {}
+
+    class _Captured(Exception):
+        pass
+
+    def capture(module, args, kwargs):
+        captured.update(args=args, kwargs=kwargs)
+        raise _Captured
+
+    hook = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        forward(model, family)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+
+    def leaf(v):
+        return v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    out = checkpoint(block, *map(leaf, captured["args"]), use_reentrant=False,
+                     **{k: leaf(v) for k, v in captured["kwargs"].items()})
+    loss = sum((o.float() ** 2).sum() for o in (out if isinstance(out, tuple) else (out,)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                record_shapes=True, with_stack=True) as prof:
+        loss.backward()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_memory_timeline(f"{tmp}/timeline.json", device="cpu")
+        _, sizes = json.loads(Path(f"{tmp}/timeline.json").read_text())
+    totals = [sum(categories) for categories in sizes]
+    tokens = IMAGE_SIDE**2 + (TEXT_TOKENS[family] if get_family(family).text_stream == "joint" else 0)
+    return (max(totals) - totals[0]) / (tokens * WIDTH * 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,10 +232,14 @@ def _blocks(family: str) -> torch.nn.Module:
 
 
 def main() -> None:
-    for family in TINY:
-        per_block = block_transients(family)
-        print(f"{family:11s} " + "  ".join(f"{k} {v:.2f}" for k, v in per_block.items()))
-    print({kind: round(scale, 2) for kind, scale in measured_scales().items()})
+    for mode in ("lora", "full"):
+        for family in TINY:
+            per_block = block_transients(family, mode)
+            print(f"{mode:4s} {family:11s} " + "  ".join(f"{k} {v:.2f}" for k, v in per_block.items()))
+    for mode, kinds in measured_transients().items():
+        print(f'    "{mode}": {{' + ", ".join(f'"{kind}": {value:.1f}' for kind, value in kinds.items()) + "},")
+    print(f"flux2 double block, backward peak above its start (saved tensors + gradients in flight): "
+          f"{backward_peak():.1f} T·d")
 
 
 if __name__ == "__main__":

@@ -171,8 +171,8 @@ def family_markdown(rows: list[dict]) -> str:
         "",
         f"GB per GPU (10⁹ bytes), {SIZE}², each config's text length, bf16, activation checkpointing, LPIPS on, frozen "
         "parameters partitioned, tied teacher for LoRA and a whole frozen copy for full fine-tuning; *predictions*, "
-        "no GPU measured them. Counted from each model: blocks, width, tokens, buffers; the recompute transient is "
-        "FLUX.2's estimate scaled by its largest block's measured TRANSIENT_SCALE (above); the context is assumed.",
+        "no GPU measured them. Counted from each model: blocks, width, tokens, buffers; the recompute transient is its "
+        "largest block's measured BLOCK_TRANSIENT (above); the context is assumed.",
     ]
     return "\n".join(lines)
 

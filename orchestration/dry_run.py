@@ -11,19 +11,30 @@ from orchestration.config import RunConfig, TrainableSection
 
 PIXEL_TOKEN = 768  # 3 Oklab channels × 16² pixels: the converted model's x_embedder input / proj_out output
 IMAGE_ALGEBRA_TENSORS = 20  # fp32 image-space tensors of one AsymFlow step (SCALING.md: x_0, x_t, twins, targets, …)
-RECOMPUTE_TRANSIENT = 20  # T·d values alive while one checkpointed block is recomputed (q, k, v, MLP in/out, …)
-# The recompute transient of other blocks than FLUX.2's, relative to FLUX.2's largest: measured on tiny instances of
-# the real classes (bench/block_transient.py: bytes autograd saves inside each block in a bf16 LoRA training forward
-# over T·d; tests/orchestration/test_family_configs.py re-measures them). A model's transient is RECOMPUTE_TRANSIENT
-# × the scale of its largest block. FLUX.2 itself keeps RECOMPUTE_TRANSIENT (its blocks measure 30.2 and 29.1 T·d:
-# the estimate is that much lower, see docs/SCALING.md); a kind missing here counts as FLUX.2's (scale 1).
-TRANSIENT_SCALE: dict[str, float] = {
-    "Flux2TransformerBlock": 1.0, "Flux2SingleTransformerBlock": 0.96,
-    "FluxTransformerBlock": 0.9, "FluxSingleTransformerBlock": 0.83,
-    "JointTransformerBlock": 1.04, "JointTransformerBlock+dual_attention": 1.38,
-    "JointTransformerBlock+context_pre_only": 0.99,
-    "QwenImageTransformerBlock": 1.03,
-    "SanaTransformerBlock": 1.6,
+# T·d values one checkpointed block holds for its backward while it is recomputed (q, k, v, attention output, MLP
+# in/out, norms; LoRA's inputs and dropout masks, or with every weight trained each linear's input), per trainable
+# mode and block kind (`block_kind`), MEASURED on tiny instances of the real classes: bench/block_transient.py counts
+# the bytes autograd saves inside each block in a bf16 training forward (dropout through CUDA's fused kernel) over
+# T·d·2 bytes; tests/orchestration/test_family_configs.py re-measures them and checks the count against a walk of
+# the autograd graph. A model's transient is its largest block's (`model_transient`). Replaces the unmeasured FLUX.2
+# estimate of 20 T·d (29 % low for LoRA).
+BLOCK_TRANSIENT: dict[str, dict[str, float]] = {
+    "lora": {
+        "Flux2TransformerBlock": 28.2, "Flux2SingleTransformerBlock": 27.1,
+        "FluxTransformerBlock": 24.8, "FluxSingleTransformerBlock": 22.7,
+        "JointTransformerBlock": 28.4, "JointTransformerBlock+dual_attention": 38.6,
+        "JointTransformerBlock+context_pre_only": 27.1,
+        "QwenImageTransformerBlock": 28.2,
+        "SanaTransformerBlock": 46.2,
+    },
+    "full": {
+        "Flux2TransformerBlock": 31.1, "Flux2SingleTransformerBlock": 30.1,
+        "FluxTransformerBlock": 27.1, "FluxSingleTransformerBlock": 25.1,
+        "JointTransformerBlock": 28.2, "JointTransformerBlock+dual_attention": 41.2,
+        "JointTransformerBlock+context_pre_only": 27.2,
+        "QwenImageTransformerBlock": 27.1,
+        "SanaTransformerBlock": 42.1,
+    },
 }
 GATHERED_BLOCKS = 2  # ZeRO-3 holds about this many blocks' gathered parameters at once (the current and the next)
 GPU_CONTEXT_BYTES = 3e9  # assumption: CUDA context, NCCL buffers and allocator slack per GPU (not measured here)
@@ -40,7 +51,8 @@ class ParamCounts:
     patch: int = 16  # pixel patch p: one image token per p×p pixels
     text_in_blocks: bool = True  # the text tokens travel through the blocks with the image tokens (joint attention)
     buffers: int = 0  # module buffers of the model (SD3's positional table): whole on every rank, not partitioned
-    transient: float = RECOMPUTE_TRANSIENT  # T·d values one block holds while recomputed (its largest block)
+    # T·d values one block holds while recomputed (its largest block; default: FLUX.2 double block, LoRA)
+    transient: float = BLOCK_TRANSIENT["lora"]["Flux2TransformerBlock"]
 
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
@@ -67,8 +79,9 @@ def count_model_parameters(latent: torch.nn.Module, trainable_cfg: TrainableSect
     trainable = sum(p.numel() for p in latent.parameters() if p.requires_grad) + growth
     full = sum(p.numel() for name, p in latent.named_parameters()
                if p.requires_grad and "lora_" not in name) + growth if trainable_cfg.mode == "lora" else total
-    layers = len(latent.transformer_blocks) + len(latent.single_transformer_blocks)
-    return ParamCounts(total, trainable, full, layers, d)
+    blocks = [*latent.transformer_blocks, *latent.single_transformer_blocks]
+    return ParamCounts(total, trainable, full, len(blocks), d,
+                       transient=model_transient(blocks, trainable_cfg.mode))
 
 
 def family_of(cfg: RunConfig) -> str:
@@ -91,7 +104,7 @@ def count_family_parameters(family: str, pixel: torch.nn.Module, trainable_cfg: 
     width = pixel.get_submodule(spec.read_in.module).weight.shape[0]
     blocks = [block for name, m in pixel.named_children()
               if isinstance(m, torch.nn.ModuleList) and name.endswith("transformer_blocks") for block in m]
-    transient = RECOMPUTE_TRANSIENT * max(TRANSIENT_SCALE.get(block_kind(block), 1.0) for block in blocks)
+    transient = model_transient(blocks, trainable_cfg.mode)
     with torch.device("meta"):
         apply_trainable(pixel, trainable_cfg.mode, trainable_cfg.lora, trainable_cfg.full_modules)
     trainable = sum(p.numel() for p in pixel.parameters() if p.requires_grad)
@@ -103,12 +116,24 @@ def count_family_parameters(family: str, pixel: torch.nn.Module, trainable_cfg: 
 
 def block_kind(block: torch.nn.Module) -> str:
     """The block's class, with the SD3 variants that hold more or less (a second self-attention, the last block's
-    text stream without MLP): the key of TRANSIENT_SCALE."""
+    text stream without MLP): the key of BLOCK_TRANSIENT[mode]."""
     kind = type(block).__name__
     for flag in ("dual_attention", "context_pre_only"):
         if getattr(block, f"use_{flag}" if flag == "dual_attention" else flag, False):
             kind += f"+{flag}"
     return kind
+
+
+def model_transient(blocks, mode: str) -> float:
+    """The recompute transient (T·d) of a model whose checkpointed blocks are `blocks`, trained with `mode` ("lora"
+    or "full"): its largest block's."""
+    measured = BLOCK_TRANSIENT[mode]
+    kinds = {block_kind(block) for block in blocks}
+    unmeasured = sorted(kinds - measured.keys())
+    if unmeasured:  # a new block class: measure it (bench/block_transient.py) rather than guess
+        raise ValueError(f"no measured recompute transient for block kind(s) {', '.join(unmeasured)}: add them to "
+                         "orchestration.dry_run.BLOCK_TRANSIENT (bench/block_transient.py measures them)")
+    return max(measured[kind] for kind in kinds)
 
 
 def stream_text_tokens(family: str, max_sequence_length: int) -> int:
@@ -230,10 +255,11 @@ def predict_run_memory(p: ParamCounts, cfg_model, trainable: TrainableSection, t
 def activation_bytes_per_sample(p: ParamCounts, height: int, width: int, text_tokens: int, gpu: bool,
                                 checkpointing: bool) -> float:
     """Activations of one sample (SCALING.md): with checkpointing, each block's input (L·T·d) plus one block's
-    recompute transient (≈ 20·T·d); without, ≈ 20·T·d per block; plus the fp32 image-space AsymFlow algebra.
+    recompute transient (p.transient·T·d, 28.2 for FLUX.2 with LoRA); without, the transient per block; plus the fp32
+    image-space AsymFlow algebra.
     T = image tokens (H/p·W/p) + text tokens where the text travels through the blocks (joint attention); where it
     is a cross-attention input (Sana) T is the image tokens and the text (text_tokens·d) is kept once.
-    The transient is p.transient: FLUX.2's estimate, scaled for other blocks by TRANSIENT_SCALE (measured)."""
+    p.transient is the model's largest block's measured BLOCK_TRANSIENT for its trainable mode."""
     b = 2 if gpu else 4
     image = (height // p.patch) * (width // p.patch)
     tokens = image + text_tokens if p.text_in_blocks else image

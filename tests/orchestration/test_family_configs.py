@@ -119,38 +119,96 @@ def test_flux1_dev_dry_run_counts_and_predicts(table, tmp_path):
 def test_cross_attention_text_is_kept_once(table):
     """Sana: T = image tokens only (1024² / 32² = 1024), its 300 text tokens kept once (not per block); SD3: the
     77 CLIP tokens join the 256 T5 tokens in every block."""
-    from orchestration.dry_run import (IMAGE_ALGEBRA_TENSORS, RECOMPUTE_TRANSIENT, TRANSIENT_SCALE,
-                                       activation_bytes_per_sample, stream_text_tokens)
+    from orchestration.dry_run import (BLOCK_TRANSIENT, IMAGE_ALGEBRA_TENSORS, activation_bytes_per_sample,
+                                       stream_text_tokens)
 
     p = table.family_prediction("sana-1600m")[0]
     assert (p.layers, p.width, p.patch, p.text_in_blocks) == (20, 2240, 32, False)
-    assert p.transient == RECOMPUTE_TRANSIENT * TRANSIENT_SCALE["SanaTransformerBlock"]
+    assert p.transient == BLOCK_TRANSIENT["lora"]["SanaTransformerBlock"]
     image = 1024 * 1024 // 32**2
     expected = (20 + p.transient) * image * 2240 * 2 + 300 * 2240 * 2 + IMAGE_ALGEBRA_TENSORS * 3 * 1024**2 * 4
     assert activation_bytes_per_sample(p, 1024, 1024, stream_text_tokens("sana", 300), True, True) == expected
     assert stream_text_tokens("sd3", 256) == 77 + 256 and stream_text_tokens("flux1", 512) == 512
 
 
-def test_transient_scales_are_measured():
-    """TRANSIENT_SCALE is what bench/block_transient.py measures on tiny instances of the real classes (bytes each
-    block saves for its backward in a bf16 LoRA training forward, over T·d, relative to FLUX.2's largest block); and
-    the released checkpoints take their largest block's (SD3.5 Large has no dual-attention block, Medium has)."""
-    from orchestration.dry_run import TRANSIENT_SCALE
-
+@pytest.fixture(scope="module")
+def block_transient():
     spec = importlib.util.spec_from_file_location("block_transient", REPO / "bench" / "block_transient.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert {kind: round(scale, 2) for kind, scale in bench.measured_scales().items()} == TRANSIENT_SCALE
+    return bench
+
+
+def test_block_transients_are_measured(block_transient):
+    """BLOCK_TRANSIENT is what bench/block_transient.py measures on tiny instances of the real classes (bytes each
+    block saves for its backward in a bf16 LoRA or full training forward, over T·d·2 bytes), FLUX.2's included."""
+    from orchestration.dry_run import BLOCK_TRANSIENT
+
+    measured = block_transient.measured_transients()
+    assert {mode: {kind: round(value, 1) for kind, value in kinds.items()}
+            for mode, kinds in measured.items()} == BLOCK_TRANSIENT
+
+
+def test_block_transient_is_the_autograd_graphs_saved_tensors(block_transient):
+    """The measurement counted independently for FLUX.2's double block: walking the autograd graph from the block's
+    outputs back to its inputs and summing the distinct storages the nodes hold as saved tensors (parameters and
+    the block's inputs left out) gives the pack hook's count; and it holds at least what the block's code says it
+    must keep: q, k, v and the attention output over the joint stream (4 T·d), the q/k RMSNorms' fp32 inputs
+    (2 × 2 T·d), and per token of both streams the SwiGLU MLP's 6d-wide input, 3d-wide SiLU output and LoRA's 3d-wide
+    dropped input with its bool mask (13.5 d per token)."""
+    import torch
+
+    name, model = "transformer_blocks.0", block_transient.trainable_pixel("flux2", "lora")
+    seen = {}
+    block = model.get_submodule(name)
+    block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(inputs=[
+        t for v in (*args, *kwargs.values()) for t in (v if isinstance(v, tuple) else (v,))
+        if isinstance(t, torch.Tensor)]), with_kwargs=True)
+    block.register_forward_hook(lambda m, args, kwargs, out: seen.update(outputs=list(out)), with_kwargs=True)
+    block_transient.forward(model, "flux2")
+
+    def reach(tensors):
+        nodes, stack = set(), [t.grad_fn for t in tensors if t.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node not in nodes:
+                nodes.add(node)
+                stack += [n for n, _ in node.next_functions if n is not None]
+        return nodes
+
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), *seen["inputs"])}
+    storages = {}
+    for node in reach(seen["outputs"]) - reach(seen["inputs"]):
+        for attr in (a for a in dir(node) if a.startswith("_saved_")):
+            value = getattr(node, attr)
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                # 0-d: Python numbers autograd wraps (LoRA's scale), never passed to a pack hook, not device memory
+                if isinstance(t, torch.Tensor) and t.dim() and t.untyped_storage().data_ptr() not in skip:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    tokens = block_transient.IMAGE_SIDE**2 + block_transient.TEXT_TOKENS["flux2"]
+    walked = sum(storages.values()) / (tokens * block_transient.WIDTH * 2)
+    assert walked == pytest.approx(block_transient.block_transients("flux2")[name], rel=1e-9)
+    assert walked >= 4 + 4 + 13.5
 
 
 def test_released_checkpoints_take_their_largest_block(table):
-    from orchestration.dry_run import RECOMPUTE_TRANSIENT, TRANSIENT_SCALE
+    """Each model's transient is its largest block's for its trainable mode (SD3.5 Large has no dual-attention
+    block, Medium has; FLUX.2 klein's double block holds more than its single)."""
+    from orchestration.dry_run import BLOCK_TRANSIENT
 
     expected = {"flux1-dev": "FluxTransformerBlock", "sd3.5-large": "JointTransformerBlock",
                 "sd3.5-medium": "JointTransformerBlock+dual_attention", "qwen-image": "QwenImageTransformerBlock",
                 "sana-1600m": "SanaTransformerBlock"}
     for name, kind in expected.items():
-        assert table.family_prediction(name)[0].transient == RECOMPUTE_TRANSIENT * TRANSIENT_SCALE[kind], name
+        for mode in ("lora", "full"):
+            assert table.family_prediction(name, mode)[0].transient == BLOCK_TRANSIENT[mode][kind], (name, mode)
+    from asymflow.klein import build_klein_transformer
+    from orchestration.config import TrainableSection
+    from orchestration.dry_run import count_model_parameters
+
+    for mode in ("lora", "full"):  # FLUX.2 (klein 4B; 9B's LoRA in test_dry_run)
+        p = count_model_parameters(build_klein_transformer("4b", device="meta"), TrainableSection(mode=mode))
+        assert p.transient == BLOCK_TRANSIENT[mode]["Flux2TransformerBlock"], mode
 
 
 def test_readme_table_is_the_scripts_output(table):
