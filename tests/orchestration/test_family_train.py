@@ -39,6 +39,17 @@ FAMILIES = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_ray_train():
+    """Ray Train's controller (it passes these on to every run it starts) polls the worker group every 0.5 s instead of
+    2 s, so a finished run, and the worker group a SIGTERM ended, are seen sooner; and starts no node-drain watcher
+    actor (a cloud node's preemption notice; the SIGTERM here is the workers' own, handled by the trainer)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        yield
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_data(request, dataset, tmp_path_factory) -> dict:
     """The family's tiny pipeline directory and a copy of the session's shards with the family's cache + subspace."""
@@ -176,3 +187,45 @@ def test_preflight_refuses_another_familys_cache_subspace_or_guidance(family_dat
     cfg = _config({**family_data, "model": model}, tmp_path, "no-guidance", ("train.guidance=2.0",))
     with pytest.raises(ConfigError, match=r"^train.guidance=2.0: the model in .* has no guidance embedding"):
         check_inputs(cfg)
+
+
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory) -> Path:
+    """A weights file in `asymflow prep lpips`'s layout (LPIPS-VGG's state dict), zeros: the dry run only checks that
+    perceptual.weights_path is a readable safetensors file, it loads no network."""
+    import torch
+    from safetensors.torch import save_file
+
+    from asymflow.lpips_weights import lpips_state_dict, vgg16_conv_shapes
+    from asymflow.perceptual import LPIPS_CHANNELS
+
+    features = {i: (torch.zeros(out, inp, 3, 3), torch.zeros(out)) for i, (out, inp) in vgg16_conv_shapes().items()}
+    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.safetensors"
+    save_file(lpips_state_dict(features, [torch.zeros(1, c, 1, 1) for c in LPIPS_CHANNELS]), str(path))
+    return path
+
+
+def test_released_configs_dry_run_on_a_local_pipeline(family_data, lpips_file, tmp_path, capsys):
+    """`asymflow train --dry-run configs/<checkpoint>.yaml` for the family's released checkpoints (configs/flux1-dev,
+    sd3.5-large, sd3.5-medium, qwen-image, sana-1600m.yaml) once a local pipeline directory (here the tiny one), its
+    cache and subspace and the LPIPS weights exist: the whole config passes validation and preflight, and the plan
+    counts the directory's model (its blocks and width, from its transformer/config.json); nothing starts."""
+    import json
+
+    from asymflow.families.released import RELEASED
+    from orchestration.cli import main
+
+    config = json.loads((Path(family_data["model"]) / "transformer" / "config.json").read_text())
+    blocks = config["num_layers"] + config.get("num_single_layers", 0)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    names = [name for name, released in RELEASED.items() if released.family == family_data["family"]]
+    assert names
+    for name in names:
+        storage = tmp_path / name
+        # 20 samples hold no global batch of 256: the plan pads the bucket's remainder, as the error message advises
+        assert main(["train", str(REPO / "configs" / f"{name}.yaml"), "--dry-run", "--data", family_data["data"],
+                     "--storage", str(storage), "--set", f"model.path={family_data['model']}",
+                     "--set", f"perceptual.weights_path={lpips_file}", "--set", "data.drop_remainder=false"]) == 0, name
+        out = capsys.readouterr().out
+        assert f"family: {family_data['family']}" in out and f"{blocks} blocks of width {width}" in out, name
+        assert "predicted memory per worker" in out and not storage.exists()
