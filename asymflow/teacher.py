@@ -70,6 +70,61 @@ def modules_swapped(model: nn.Module, replacements: dict[str, nn.Module]) -> Ite
             setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
 
 
+def owner_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the module holding the dotted `path`'s last attribute, that attribute's name)."""
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def is_parameter_path(model: nn.Module, path: str) -> bool:
+    """True if `path` names a parameter held directly by a module (Sana's scale_shift_table), not a module."""
+    owner, attr = owner_and_name(model, path)
+    return attr in owner._parameters
+
+
+@contextmanager
+def parameters_swapped(model: nn.Module, replacements: dict[str, nn.Parameter]) -> Iterator[None]:
+    """Replace the parameters named by `replacements` (dotted paths) while the forward of the module holding each
+    runs, within the block.
+
+    Swapped by a forward pre-hook and put back by a forward hook run first, not around the whole block: under
+    DeepSpeed ZeRO-3 the owning module's own hooks gather its partitioned parameters before its forward and release
+    them after (ZeRO-3 registers them when the engine is built, so a pre-hook added now runs after the gather, and
+    a forward hook prepended now before the release); a plain tensor in their place would break both. Without ZeRO-3
+    the hooks alone do the swap. Whatever is still swapped on exit (a forward that raised) is put back.
+    """
+    by_owner: dict[int, tuple[nn.Module, list[tuple[str, nn.Parameter]]]] = {}
+    for path, param in replacements.items():
+        owner, attr = owner_and_name(model, path)
+        if attr not in owner._parameters:
+            raise ValueError(f"{path!r} is not a parameter of {type(model).__name__}")
+        by_owner.setdefault(id(owner), (owner, []))[1].append((attr, param))
+    originals: dict[tuple[int, str], nn.Parameter] = {}
+
+    def swap_in(owner: nn.Module, items: list[tuple[str, nn.Parameter]]) -> None:
+        for attr, param in items:
+            originals.setdefault((id(owner), attr), owner._parameters[attr])
+            owner._parameters[attr] = param
+
+    def swap_back(owner: nn.Module, items: list[tuple[str, nn.Parameter]]) -> None:
+        for attr, _ in items:
+            if (id(owner), attr) in originals:
+                owner._parameters[attr] = originals.pop((id(owner), attr))
+
+    handles = []
+    try:
+        for owner, items in by_owner.values():
+            handles.append(owner.register_forward_pre_hook(lambda m, args, items=items: swap_in(m, items)))
+            handles.append(owner.register_forward_hook(lambda m, args, out, items=items: swap_back(m, items),
+                                                       prepend=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner, items in by_owner.values():
+            swap_back(owner, items)
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """`model.eval()` for the block (the teacher recovers with the eval σ_min, no dropout); flags restored per module."""
@@ -98,10 +153,14 @@ class TiedTeacher(nn.Module):
             raise ValueError("tie the teacher before LoRA is attached to the student (apply_trainable)")
         object.__setattr__(self, "_student", student)
         self._paths = tuple(family_full_modules(student) if own_modules is None else own_modules)
-        self.frozen = nn.ModuleDict(
-            {path.replace(".", "__"): copy.deepcopy(student.get_submodule(path)) for path in self._paths}
-        )
-        self.frozen.requires_grad_(False)
+        # A fully trained parameter held directly by a module (Sana's output modulation scale_shift_table) is kept
+        # apart from the module copies: it is swapped differently (`parameters_swapped`).
+        self._param_paths = tuple(path for path in self._paths if is_parameter_path(student, path))
+        self.frozen = nn.ModuleDict({path.replace(".", "__"): copy.deepcopy(student.get_submodule(path))
+                                     for path in self._paths if path not in self._param_paths})
+        self.frozen_parameters = nn.ParameterDict(
+            {path.replace(".", "__"): copy.deepcopy(student.get_parameter(path)) for path in self._param_paths})
+        self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True) -> TiedTeacher:
@@ -126,12 +185,14 @@ class TiedTeacher(nn.Module):
 
     def own_bytes(self) -> int:
         """Bytes the teacher holds beyond the student: its frozen copies of the fully trained modules."""
-        return sum(t.numel() * t.element_size() for t in (*self.frozen.parameters(), *self.frozen.buffers()))
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         student = self._student
-        swaps = {path: self.frozen[path.replace(".", "__")] for path in self._paths}
-        with torch.no_grad(), adapters_disabled(student), modules_swapped(student, swaps), eval_mode(student):
+        modules = {path: self.frozen[path.replace(".", "__")] for path in self._paths if path not in self._param_paths}
+        params = {path: self.frozen_parameters[path.replace(".", "__")] for path in self._param_paths}
+        with (torch.no_grad(), adapters_disabled(student), modules_swapped(student, modules),
+              parameters_swapped(student, params), eval_mode(student)):
             return student(*args, **kwargs)
 
 

@@ -99,9 +99,8 @@ CONFIG_BEGIN, CONFIG_END = "# memory:begin (bench/memory_table.py --write)", "# 
 
 
 def family_sections(name: str) -> dict:
-    """The sections of configs/<name>.yaml the memory model reads, validated one by one: `load_config` refuses a
-    family training does not accept yet, so the model section is validated with every family allowed (as data prep
-    validates it with its own set)."""
+    """The sections of configs/<name>.yaml the memory model reads, validated one by one (nothing they name needs to
+    exist on disk); the model section with every family allowed, as data prep validates it."""
     import yaml
 
     from asymflow.components import BaseModelConfig

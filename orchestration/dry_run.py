@@ -245,7 +245,7 @@ def predict_memory(p: ParamCounts, *, world: int, gpu: bool, teacher: str, froze
 def predict_run_memory(p: ParamCounts, cfg_model, trainable: TrainableSection, train, perceptual, family: str,
                        height: int, width: int) -> MemoryPrediction:
     """`predict_memory` with a run's own settings (its model, trainable, train and perceptual sections; the
-    sections alone, so configs of families training does not accept yet are predicted too) at a height×width bucket."""
+    sections alone, so a config is predicted without its model, data or subspace on disk) at a height×width bucket."""
     return predict_memory(p, world=train.workers, gpu=train.use_gpu, teacher=trainable.teacher_kind(),
                           frozen_params=trainable.frozen_params, micro_batch=train.micro_batch, height=height,
                           width=width, text_tokens=stream_text_tokens(family, cfg_model.max_sequence_length),

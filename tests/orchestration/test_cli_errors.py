@@ -52,7 +52,6 @@ def files(tmp_path_factory) -> dict[str, str]:
             "sd3_cfg": str(root / "sd3.yaml"), "qwen_cfg": str(root / "qwen.yaml"), "dalle_cfg": str(root / "dalle.yaml")}
 
 
-NOT_WIRED = "is not supported for training yet: its conversion is proven (seamless-init identity, adapter round trip"
 DIFFUSERS = ("--set", "model.kind=diffusers", "--data", "{nodata}", "--set")
 
 
@@ -101,8 +100,8 @@ CASES = [
     (["sample", "{nodata}"], 2, "required: --prompt"),
     # model.family (issue 15): given, detected from model_index.json or transformer/config.json, contradicting
     (["train", TINY, "--set", "model.family=sd3"], 2,
-     f"--set model.family=sd3: model.family: sd3 (Stable Diffusion 3 / 3.5) {NOT_WIRED}; asymflow.families) but "
-     "training is not wired for it; the supported training families are flux2, flux1"),
+     "model.family 'sd3' contradicts model.kind 'tiny', a flux2 model built in code or shipped with asymflow; use "
+     "model.kind diffusers with a sd3 pipeline directory as model.path"),
     (["train", TINY, "--set", "train.guidance=3.5"], 2,
      "train.guidance=3.5 is for guidance-distilled models of the other families (FLUX.1-dev); FLUX.2 training gives "
      "the model no guidance value"),
@@ -110,11 +109,12 @@ CASES = [
      "model.family 'flux1' contradicts model.kind 'tiny', a flux2 model built in code or shipped with asymflow"),
     (["train", TINY, "--set", "model.family=dalle"], 2,
      "model.family: unknown model family 'dalle'; supported families: flux2, flux1, sd3, qwen_image, sana"),
-    # training is wired for flux1: the directory is checked for FLUX.1's own components
+    # training is wired for every family: the directory is checked for the family's own components
     (["train", TINY, *DIFFUSERS, "model.path={flux1}"], 2,
      "model.path: {flux1} lacks vae/, tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/"),
     (["train", TINY, *DIFFUSERS, "model.path={sd3}"], 2,
-     "model.path {sd3} holds a model of family sd3, and sd3 (Stable Diffusion 3 / 3.5) is not supported for training"),
+     "model.path: {sd3} lacks vae/, tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/, tokenizer_3/, "
+     "text_encoder_3/"),
     (["train", TINY, *DIFFUSERS, "model.path={flux1}", "--set", "model.family=flux2"], 2,
      "model.family 'flux2' contradicts model.path {flux1}, which holds a model of family flux1"),
     (["train", TINY, *DIFFUSERS, "model.path={alien}"], 2,

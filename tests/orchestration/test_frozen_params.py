@@ -1,6 +1,8 @@
 """trainable.frozen_params under real DeepSpeed ZeRO-3 (2 gloo ranks on 127.0.0.1, no Ray): replicated keeps exactly
 the frozen parameters whole, the trainable ones partitioned, gathers no frozen bytes, and computes the same losses and
-weights bit for bit as partitioned; config refuses it for full fine-tuning."""
+weights bit for bit as partitioned; config refuses it for full fine-tuning. The same ranks (their start-up is most of
+the cost) also run Sana's tied teacher under ZeRO-3: its fully trained output modulation is a parameter of the root
+module, which the teacher must swap inside ZeRO-3's gather and release (asymflow.teacher.parameters_swapped)."""
 from __future__ import annotations
 
 import json
@@ -76,7 +78,53 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
                         for n, p in module.named_parameters() if p.requires_grad},
         }
         engine.destroy()
+    result["sana_teacher"] = _sana_tied_teacher(world)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _sana_tied_teacher(world: int) -> dict:
+    """A trained Sana LoRA student (its trainable tensors moved from the converted init, the same on every rank) under
+    ZeRO-3 with everything partitioned: its tied teacher's output against an independent copy of the init's."""
+    import deepspeed
+
+    from asymflow.families import get_family
+    from asymflow.families.conversion import convert_family_transformer
+    from asymflow.families.tiny import build_tiny_family_transformer
+    from asymflow.teacher import TiedTeacher
+    from asymflow.trainable import LoRASettings, apply_trainable, build_teacher, param_groups
+    from orchestration.config import TrainSection
+    from orchestration.deepspeed_config import build_deepspeed_config
+    from tests.asymflow.helpers import random_basis
+    from tests.asymflow.test_teacher import _perturb_trainables
+
+    sana = get_family("sana")
+    basis = random_basis(sana.pixel_dim, sana.latent_dim, seed=0, dtype=torch.float32)
+    student = convert_family_transformer(sana, build_tiny_family_transformer("sana", seed=0), basis, 1.3)
+    copied = build_teacher(student, share_base=False, own_modules=sana.full_modules)
+    tied = TiedTeacher(student)
+    torch.manual_seed(1)
+    apply_trainable(student, "lora", LoRASettings(rank=4, alpha=4.0, targets=sana.lora_targets), sana.full_modules)
+    _perturb_trainables(student)
+    train = TrainSection(global_batch=world, micro_batch=1, workers=world, use_gpu=False, lr=1e-3)
+    ds_config = build_deepspeed_config(train, world, False)
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the 2×32 table partitioned too
+    optimizer = torch.optim.AdamW(param_groups(student, train.lr, {}, 0.0), lr=train.lr)
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    table = engine.module.scale_shift_table
+    g = torch.Generator().manual_seed(2)
+    x, sigma, text = torch.randn(2, 3, 64, 64, generator=g), torch.tensor([0.3, 0.8]), torch.randn(2, 8, 32, generator=g)
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        want = copied(x, sigma, text, encoder_attention_mask=mask)
+        got = tied(x, sigma, text, encoder_attention_mask=mask)
+        engine.module.eval()
+        own = engine.module(x, sigma, text, encoder_attention_mask=mask)
+    out = {"table_partitioned": table.ds_tensor.numel() < table.ds_numel,
+           "tied_equals_copied": torch.equal(got, want), "student_differs": not torch.equal(own, want),
+           "table_restored": engine.module.scale_shift_table is table}
+    engine.destroy()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +172,14 @@ def test_the_policy_changes_where_bytes_live_not_the_maths(two_ranks):
         assert part["losses"] == rep["losses"]  # bitwise: floats round-trip exactly through JSON
         assert part["weights"].keys() == rep["weights"].keys() and part["weights"] == rep["weights"]
     assert two_ranks[0]["replicated"]["weights"] == two_ranks[1]["replicated"]["weights"]
+
+
+def test_sanas_tied_teacher_under_zero3_equals_a_copied_teacher(two_ranks):
+    """The teacher computes the converted init bitwise although the student's partitioned scale_shift_table (and
+    read-in, read-out, LoRA) moved; the student computes with its own again afterwards."""
+    for rank in two_ranks:
+        assert rank["sana_teacher"] == {"table_partitioned": True, "tied_equals_copied": True,
+                                        "student_differs": True, "table_restored": True}
 
 
 def test_replicated_is_refused_for_full_fine_tuning():
