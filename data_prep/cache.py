@@ -150,24 +150,27 @@ def tensor_to_bytes(name: str, x: torch.Tensor, dtype: CacheDtype) -> bytes:
     return tensors_to_bytes({name: x}, dtype)
 
 
-def bytes_to_tensor(data: bytes, name: str) -> torch.Tensor:
-    """Inverse of `tensor_to_bytes`: the stored tensor, dequantised, in fp32 (an integer tensor, a mask, as stored)."""
-    tensors = st_load(data)
+def _dequantised(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Stored tensor `name` of a loaded member, dequantised, in fp32 (an integer tensor, a mask, as stored)."""
     if name not in tensors:
         raise KeyError(f"tensor {name!r} missing (found {sorted(tensors)})")
     if not tensors[name].is_floating_point():
         return tensors[name]
     x = tensors[name].to(torch.float32)
     scale = tensors.get(f"{name}_scale")
-    if scale is None and not tensors[name].is_floating_point():
-        return tensors[name]
-    x = tensors[name].to(torch.float32)
     return x * scale.to(torch.float32) if scale is not None else x
 
 
+def bytes_to_tensor(data: bytes, name: str) -> torch.Tensor:
+    """Inverse of `tensor_to_bytes`: the stored tensor, dequantised, in fp32 (an integer tensor, a mask, as stored)."""
+    return _dequantised(st_load(data), name)
+
+
 def bytes_to_tensors(data: bytes, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Inverse of `tensors_to_bytes` for the tensors `names`: each dequantised, in fp32 (masks as stored)."""
-    return {name: bytes_to_tensor(data, name) for name in names}
+    """Inverse of `tensors_to_bytes` for the tensors `names`: each dequantised, in fp32 (masks as stored). The member
+    is parsed once, not once per name (it runs per sample on the training read path)."""
+    tensors = st_load(data)
+    return {name: _dequantised(tensors, name) for name in names}
 
 
 # ---------------------------------------------------------------- cache manifest
