@@ -59,7 +59,7 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
     """Parameter counts of the run's pixel model and trainable set, from the latent base's config on the meta
     device (a klein-sized model costs no memory): converting changes only x_embedder/proj_out's token width. Another
     family's pixel model is built on meta from model.path's transformer/config.json (`count_family_parameters`)."""
-    family = family_of(cfg)
+    family = cfg.family()
     if family != "flux2":
         return count_family_parameters(family, _family_pixel_on_meta(cfg, family), cfg.trainable)
     return count_model_parameters(_latent_on_meta(cfg), cfg.trainable)
@@ -82,12 +82,6 @@ def count_model_parameters(latent: torch.nn.Module, trainable_cfg: TrainableSect
     blocks = [*latent.transformer_blocks, *latent.single_transformer_blocks]
     return ParamCounts(total, trainable, full, len(blocks), d,
                        transient=model_transient(blocks, trainable_cfg.mode))
-
-
-def family_of(cfg: RunConfig) -> str:
-    """The run's model family: model.family, else detected from model.path; FLUX.2 (the tiny and bundled models'
-    family, and a hub id's until its files are read) when nothing says otherwise."""
-    return cfg.model.family or cfg.model.detected_family() or "flux2"
 
 
 def count_family_parameters(family: str, pixel: torch.nn.Module, trainable_cfg: TrainableSection) -> ParamCounts:
@@ -295,7 +289,7 @@ def dry_run_report(cfg: RunConfig) -> str:
     saves = sorted({s for s in range(c.every, t.steps + 1, c.every)} | {t.steps})
     restore = ckpt.find_restore_point(cfg.run_dir)
     p = count_parameters(cfg)
-    m = predict_run_memory(p, cfg.model, cfg.trainable, t, cfg.perceptual, family_of(cfg), height, width)
+    m = predict_run_memory(p, cfg.model, cfg.trainable, t, cfg.perceptual, cfg.family(), height, width)
     device = "GPU, bf16" if t.use_gpu else "CPU, fp32"
     lines = [
         "# dry run: nothing was started. Resolved config:",

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from asymflow.components import TRAINING_FAMILY
 from orchestration import checkpoint as ckpt
 from orchestration.config import RunConfig, local_file
 from orchestration.goodput import Goodput, executed_steps
@@ -284,17 +283,15 @@ class Trainer:
 
         t = self.cfg.train
         index = DatasetIndex.open(self.cfg.data.path)
-        # The empty prompt replaces dropped captions (only needed when caption dropout is on): FLUX.2's one embedding,
-        # or every named text tensor of a family cache (encoder_hidden_states → negative_embeds, the rest by name).
+        # The empty prompt replaces dropped captions (only needed when caption dropout is on): every named text tensor
+        # of the cache, split as the loader splits a sample's (FLUX.2: text_embeds alone; a family cache:
+        # encoder_hidden_states → negative_embeds, the rest by name).
         self.negative_embeds, self.negative_extras = None, {}
         if self.cfg.objective.caption_dropout > 0:
-            if index.family == TRAINING_FAMILY:
-                self.negative_embeds = index.negative_embeds()[None]
-            else:
-                from data_prep.reader import split_text
+            from data_prep.reader import split_text
 
-                text, extras = split_text(index.negative_text(), index.text_tensors)
-                self.negative_embeds, self.negative_extras = text[None], {k: v[None] for k, v in extras.items()}
+            text, extras = split_text(index.negative_text(), index.text_tensors)
+            self.negative_embeds, self.negative_extras = text[None], {k: v[None] for k, v in extras.items()}
         self.text_projected = index.text_projected  # context_embedder's outputs: the models skip that layer
         return RankLoader(index, self.cfg.data, rank=self.rank, world_size=self.world_size, micro_batch=t.micro_batch,
                           grad_accum=self.accum, global_batch=t.global_batch, state=data_state,

@@ -16,7 +16,7 @@ from asymflow.latents import encode_latents, posterior_seed
 from asymflow.text import encode_prompts
 from data_prep.cache import CacheMismatchError
 from data_prep.format import parse_sample
-from data_prep.reader import CorruptSampleError, DatasetIndex, decode_image, read_cached, read_training_sample
+from data_prep.reader import CorruptSampleError, DatasetIndex, decode_image, read_cached, read_training_sample, split_text
 from data_prep.run_config import load_model_config
 from tests.data_prep.test_cache import TINY_CONFIG, cached_dataset, copy_dataset
 
@@ -53,6 +53,10 @@ def test_samples_have_the_training_shapes_and_match_the_encoders(index: DatasetI
         torch.testing.assert_close(sample["text_embeds"], text[0], **BF16_TOL)
     assert read_training_sample(index, 0)["key"] == index.row(0)["key"]  # a row position works too
     assert index.negative_embeds().shape == (cfg.max_sequence_length, 96)
+    # The trainer reads the empty prompt of every cache as named tensors split like a sample's: FLUX.2's is text_embeds
+    # alone, equal to negative_embeds().
+    text, extras = split_text(index.negative_text(), index.text_tensors)
+    assert torch.equal(text, index.negative_embeds()) and extras == {}
 
 
 def test_latents_only_read_equals_the_full_read(index: DatasetIndex) -> None:
@@ -147,7 +151,6 @@ def test_family_text_tensors_split_and_integer_masks_keep_their_dtype():
     from safetensors.torch import save as st_save
 
     from data_prep.cache import bytes_to_tensors
-    from data_prep.reader import split_text
     from orchestration.loader import shipped_text
 
     names = ("encoder_hidden_states", "encoder_attention_mask")
