@@ -214,10 +214,9 @@ def _flux2_pipeline(model, cfg: RunConfig):
 
 def _family_pipeline(model, cfg: RunConfig):
     """Another family: AsymFlowFamilyPipeline with the base pipeline directory's own tokenizers and text encoders."""
-    from asymflow.families.load import load_pipeline_components, text_component_names
     from asymflow.families.pipeline import AsymFlowFamilyPipeline
 
-    return AsymFlowFamilyPipeline(model, **load_pipeline_components(cfg.model.path, text_component_names(cfg.family())))
+    return AsymFlowFamilyPipeline.with_base_text(model, cfg.model.path)
 
 
 def render_samples(state: dict, ema: dict[str, torch.Tensor], out_dir: str) -> list[str]:

@@ -98,7 +98,6 @@ def load_family_pipeline(kind: str, path: str, family: str, base: str | None, ch
     """
     from asymflow.families import get_family
     from asymflow.families.adapter import load_family_adapter
-    from asymflow.families.load import load_pipeline_components, text_component_names
     from asymflow.families.pipeline import AsymFlowFamilyPipeline
 
     if kind == "pipeline":
@@ -119,8 +118,7 @@ def load_family_pipeline(kind: str, path: str, family: str, base: str | None, ch
             raise ValueError(f"{checkpoint}: the checkpoint does not build a {family} pixel model")
     else:
         raise ValueError(f"unknown source kind {kind!r}")
-    text = load_pipeline_components(base, text_component_names(family))
-    return AsymFlowFamilyPipeline(transformer.eval(), **text).to(device)
+    return AsymFlowFamilyPipeline.with_base_text(transformer.eval(), base).to(device)
 
 
 __all__ = ["check_base", "directory_family", "family_transformer_facts", "is_complete_family_model",

@@ -90,6 +90,14 @@ class AsymFlowFamilyPipeline(DiffusionPipeline):
     def family(self) -> ModelFamily:
         return self.transformer.family()
 
+    @classmethod
+    def with_base_text(cls, transformer: AsymFlowPixelMixin, base: str | PathLike) -> AsymFlowFamilyPipeline:
+        """The pipeline of `transformer` with the text components of the family's diffusers pipeline directory
+        `base` (the latent base an adapter, merged model or run was converted from)."""
+        from .load import load_pipeline_components
+
+        return cls(transformer, **load_pipeline_components(base, text_component_names(transformer.family().name)))
+
     def save_pretrained(self, save_directory: str | PathLike, *args, **kwargs) -> None:
         """diffusers' save plus the shim that lets `DiffusionPipeline.from_pretrained` find this class."""
         super().save_pretrained(save_directory, *args, **kwargs)
